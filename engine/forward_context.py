@@ -1,0 +1,42 @@
+"""Per-step attention metadata, set once per forward and cleared in `finally` (never a loose global)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+# Called by every attention layer after its K/V are computed: (layer index, k [T, Hk, D], v [T, Hk, D]).
+# The prefill worker uses it to stream each layer's KV to the decode worker while the next layer computes.
+KVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64, where each token's K/V goes in the paged cache (-1: skip)
+    cu_seqlens_q: torch.Tensor  # [B+1] int32, query rows of each sequence in the flat batch
+    kv_lens: torch.Tensor  # [B] int32, cached tokens of each sequence including this step's
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    is_decode: bool  # every sequence has exactly one query token
+    kv_hook: KVHook | None = None
+
+
+_current: ContextVar[AttentionMetadata | None] = ContextVar("diptych_attention_metadata", default=None)
+
+
+@contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    token = _current.set(meta)
+    try:
+        yield meta
+    finally:
+        _current.reset(token)
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    meta = _current.get()
+    assert meta is not None, "attention layers run only inside forward_context()"
+    return meta

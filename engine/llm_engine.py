@@ -1,0 +1,188 @@
+"""The single-process engine: scheduler + model runner in one loop.
+
+This is the colocated baseline and the reference the disaggregated path is tested against.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import ModelConfig
+from engine.kv_cache import PagedKVCache, kv_budget_bytes
+from engine.loader import ModelSource, iter_weights, load_model_config, resolve_model
+from engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
+from engine.model import LlamaForCausalLM, build_model, init_random_weights
+from engine.model_runner import ModelRunner
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import Sequence
+
+RANDOM_PREFIX = "random:"
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long for the context or the cache, duplicate id)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # a HF dir, a .gguf file, "random:<preset>", or None for the embedded model
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_gib: float = 1.0  # CPU budget
+    gpu_memory_fraction: float = 0.85  # of the memory free after the weights load
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's own
+    enable_prefix_caching: bool = False
+    seed: int = 0
+    load_progress: bool = True
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if self.dtype not in dtypes:
+            raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {self.dtype!r}")
+        return dtypes[self.dtype]
+
+
+def load_model(config: EngineConfig) -> tuple[LlamaForCausalLM, ModelSource | None]:
+    """Build the model on its device with weights from the checkpoint, or random ones for a preset shape."""
+    from engine.config import preset
+
+    device, dtype = config.torch_device, config.torch_dtype
+    if config.model and config.model.startswith(RANDOM_PREFIX):
+        model_config = preset(config.model[len(RANDOM_PREFIX) :])
+        source = None
+    else:
+        source = resolve_model(config.model)
+        model_config = load_model_config(source)
+    model = build_model(model_config, dtype, device)
+    if source is None:
+        init_random_weights(model, config.seed)
+    else:
+        model.load_weights(iter_weights(source, dtype, progress=config.load_progress))
+    return model.eval(), source
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: LlamaForCausalLM | None = None) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.model, self.source = (model, None) if model is not None else load_model(config)
+        self.model_config: ModelConfig = self.model.config
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        budget = kv_budget_bytes(self.device, config.kv_cache_gib, config.gpu_memory_fraction)
+        self.kv_cache = PagedKVCache.from_budget(
+            self.model_config, budget, config.block_size, config.torch_dtype, self.device
+        )
+        self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            self.blocks,
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.sequences: dict[str, Sequence] = {}
+        self._rng = random.Random(config.seed)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.model_config.eos_token_ids
+
+    def add_request(self, request: GenerateRequest) -> None:
+        self.check_request(request)
+        seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(63)
+        seq = Sequence(
+            request.request_id, list(request.prompt_token_ids), request.sampling, seed,
+            arrival_time=request.arrival_time or time.time(),
+        )
+        self.sequences[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def check_request(self, request: GenerateRequest) -> None:
+        n = len(request.prompt_token_ids)
+        if request.request_id in self.sequences:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {n} tokens but the model's context is {self.max_model_len} tokens "
+                "(the prompt must leave room for at least one generated token)"
+            )
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        longest = min(n + request.sampling.max_tokens, self.max_model_len)
+        if self.blocks.blocks_for(longest) > self.blocks.num_blocks:
+            raise RequestError(
+                f"a request of {longest} tokens needs more KV blocks than the cache has "
+                f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens): raise the KV budget"
+            )
+
+    def abort_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, reason)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[TokenDelta]:
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        tables = [self.blocks.block_table(c.seq.request_id) for c in out.chunks]
+        sampled = self.runner.execute(out, tables)
+        self.scheduler.advance(out)
+        deltas = []
+        sampling = [c.seq for c in out.chunks if c.samples]
+        for i, seq in enumerate(sampling):
+            token = sampled.token_ids[i]
+            logprob = sampled.logprobs[i] if sampled.logprobs is not None else None
+            first = not seq.output_token_ids
+            if logprob is not None:
+                seq.output_logprobs.append(logprob)
+            done = self.scheduler.append_token(seq, token, self.eos_token_ids)
+            if done:
+                self.sequences.pop(seq.request_id, None)
+            deltas.append(
+                TokenDelta(
+                    seq.request_id, (token,),
+                    logprobs=(logprob,) if logprob is not None and seq.sampling.logprobs else None,
+                    finish_reason=seq.finish_reason,
+                    first_token_time=time.time() if first else None,
+                )
+            )
+        return deltas
+
+    def generate(
+        self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
+    ) -> list[Sequence]:
+        """Run prompts to completion in one batch (tests, benchmarks, the CLI)."""
+        all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, all_params)):
+            request_id = f"gen-{time.monotonic_ns()}-{i}"
+            self.add_request(GenerateRequest(request_id, tuple(prompt), p))
+            seqs.append(self.sequences[request_id])
+        while self.has_unfinished():
+            self.step()
+        return seqs

@@ -1,0 +1,102 @@
+"""Typed messages that cross a boundary: gateway <-> workers, prefill <-> decode, engine <-> caller.
+
+Every Ray actor call carries one of these dataclasses; nothing else crosses a process boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> SamplingParamsError:
+            return SamplingParamsError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", "an integer >= 1")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", "a number in [0, 100]")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "a number in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "an integer >= 0 (0 disables it)")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "a number in [0, 1]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", "an integer")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "a list of non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # eos, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # the client went away or the caller aborted
+    ERROR = "error"  # a worker failed or a transfer timed out
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One request as the workers see it: already tokenized."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    arrival_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New tokens of one request, streamed from the worker that produced them."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    # Timing breakdown (seconds since epoch), filled where known.
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a worker tells the router about itself."""
+
+    worker_id: str
+    role: str  # "prefill" | "decode" | "colocated"
+    running: int
+    waiting: int
+    used_blocks: int
+    total_blocks: int
+    extra: dict[str, float] = field(default_factory=dict)

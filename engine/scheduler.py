@@ -1,0 +1,134 @@
+"""Chunked prefill under a token budget plus continuous batching of decodes. Pure Python (no torch).
+
+Each step serves running sequences first (decodes and unfinished prefill chunks, oldest first), then admits
+waiting ones while the token budget, the sequence cap and free blocks allow. When blocks run out for a
+running sequence, the newest running sequence is preempted: its blocks are freed and it is recomputed
+from its prompt and output so far once admitted again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.messages import FinishReason
+from engine.sequence import SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # the per-step token budget, shared by prefill chunks and decodes
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed this step
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the end of the known tokens, so the step samples the next one."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_decode(self) -> bool:
+        return bool(self.chunks) and all(c.num_tokens == 1 for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue  # preempted by an older sequence this step, or out of budget
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.reserve(seq.request_id, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            else:
+                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            cached = self.blocks.allocate_prompt(seq.request_id, seq.all_token_ids)
+            if cached is None:
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            seq.num_computed_tokens = cached
+            self.running.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            chunks.append(ScheduledChunk(seq, cached, n))
+            budget -= n
+        return SchedulerOutput(chunks, preempted)
+
+    def advance(self, output: SchedulerOutput) -> None:
+        """The step ran: its chunks' KV is in the cache."""
+        for chunk in output.chunks:
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            if self.blocks.enable_prefix_caching:
+                self.blocks.commit(chunk.seq.request_id, chunk.seq.all_token_ids[: chunk.seq.num_computed_tokens])
+
+    def append_token(self, seq: Sequence, token_id: int, eos_token_ids: tuple[int, ...]) -> bool:
+        """Add a sampled token; True if that finishes the sequence."""
+        seq.output_token_ids.append(token_id)
+        params = seq.sampling
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in eos_token_ids):
+            self.finish(seq, FinishReason.STOP)
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            self.finish(seq, FinishReason.LENGTH)
+        return seq.is_finished
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.request_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
