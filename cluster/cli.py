@@ -7,18 +7,23 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 
-from engine.config import ModelConfigError
 from engine.detokenizer import IncrementalDetokenizer
-from engine.llm_engine import EngineConfig, LLMEngine, RequestError
 from engine.loader import ModelLoadError
-from engine.messages import GenerateRequest, SamplingParams, SamplingParamsError
 from engine.tokenizer import Tokenizer, load_tokenizer
 
-USER_ERRORS = (ModelLoadError, ModelConfigError, RequestError, SamplingParamsError, ValueError)
+from cluster.config import ConfigError
+from cluster.up import add_up_parser, cmd_up
+from engine.config import ModelConfigError
+from engine.llm_engine import EngineConfig, LLMEngine, RequestError
+from engine.messages import GenerateRequest, SamplingParams, SamplingParamsError
+
+USER_ERRORS = (ConfigError, ModelLoadError, ModelConfigError, RequestError, SamplingParamsError, ValueError)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
+    p.add_argument(
+        "--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)"
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -40,13 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat with streaming output")
     chat.add_argument("--system", default=None, help="system prompt (default: the model's own)")
     _sampling_args(chat)
+    add_up_parser(sub)
     return parser
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
     )
 
 
@@ -114,7 +125,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "chat": cmd_chat}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "up": cmd_up}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as e:

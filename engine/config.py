@@ -43,9 +43,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ModelConfigError(
-                f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            supported = ", ".join(SUPPORTED_ARCHITECTURES)
+            raise ModelConfigError(f"unsupported architecture {self.architecture!r}; supported: {supported}")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -137,23 +136,55 @@ def _rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
 # Real shapes for benchmarks with random weights (the cost of a forward does not depend on values).
 PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-        num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
-        tie_word_embeddings=True, eos_token_ids=(2,),
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        eos_token_ids=(2,),
     ),
     "llama3-8b": ModelConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-        num_kv_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), eos_token_ids=(128001, 128009),
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        eos_token_ids=(128001, 128009),
     ),
     "llama2-7b": ModelConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-        num_kv_heads=32, head_dim=128, max_position_embeddings=4096, eos_token_ids=(2,),
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        max_position_embeddings=4096,
+        eos_token_ids=(2,),
     ),
     "qwen2-7b": ModelConfig(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-        num_kv_heads=4, head_dim=128, max_position_embeddings=32768, rope_theta=1000000.0,
-        qkv_bias=True, architecture="Qwen2ForCausalLM", eos_token_ids=(151645,),
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        qkv_bias=True,
+        architecture="Qwen2ForCausalLM",
+        eos_token_ids=(151645,),
     ),
 }
 

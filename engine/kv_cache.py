@@ -24,8 +24,9 @@ def kv_budget_bytes(device: torch.device, cpu_gib: float, gpu_fraction: float) -
 
 
 class PagedKVCache:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(
                 f"the KV memory budget holds no block of {block_size} tokens "
@@ -37,9 +38,12 @@ class PagedKVCache:
         self.storage = torch.zeros(shape, dtype=dtype, device=device)
 
     @classmethod
-    def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype,
-                    device: torch.device) -> PagedKVCache:
-        return cls(config, budget_bytes // kv_block_bytes(config, block_size, dtype), block_size, dtype, device)
+    def from_budget(
+        cls, config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> PagedKVCache:
+        return cls(
+            config, budget_bytes // kv_block_bytes(config, block_size, dtype), block_size, dtype, device
+        )
 
     def key(self, layer: int) -> torch.Tensor:
         return self.storage[0, layer]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -14,12 +15,13 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig
+from engine.forward_context import KVHook
 from engine.kv_cache import PagedKVCache, kv_budget_bytes
 from engine.loader import ModelSource, iter_weights, load_model_config, resolve_model
 from engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
 from engine.model import LlamaForCausalLM, build_model, init_random_weights
 from engine.model_runner import ModelRunner
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 
 RANDOM_PREFIX = "random:"
@@ -108,9 +110,11 @@ class LLMEngine:
 
     def add_request(self, request: GenerateRequest) -> None:
         self.check_request(request)
-        seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(63)
         seq = Sequence(
-            request.request_id, list(request.prompt_token_ids), request.sampling, seed,
+            request.request_id,
+            list(request.prompt_token_ids),
+            request.sampling,
+            self.request_seed(request),
             arrival_time=request.arrival_time or time.time(),
         )
         self.sequences[seq.request_id] = seq
@@ -145,33 +149,56 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[TokenDelta]:
+    def step(self, plan: Callable[[SchedulerOutput], KVHook | None] | None = None) -> list[TokenDelta]:
+        """Schedule and run one step; returns one delta per sequence that sampled a token.
+
+        plan, if given, sees the step's schedule before it runs and may return a hook that every
+        attention layer calls with its new K/V (the prefill worker streams KV through it)."""
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
         tables = [self.blocks.block_table(c.seq.request_id) for c in out.chunks]
-        sampled = self.runner.execute(out, tables)
+        sampled = self.runner.execute(out, tables, plan(out) if plan else None)
         self.scheduler.advance(out)
-        deltas = []
         sampling = [c.seq for c in out.chunks if c.samples]
+        now = time.time()
+        deltas = []
         for i, seq in enumerate(sampling):
-            token = sampled.token_ids[i]
             logprob = sampled.logprobs[i] if sampled.logprobs is not None else None
-            first = not seq.output_token_ids
-            if logprob is not None:
-                seq.output_logprobs.append(logprob)
-            done = self.scheduler.append_token(seq, token, self.eos_token_ids)
-            if done:
-                self.sequences.pop(seq.request_id, None)
-            deltas.append(
-                TokenDelta(
-                    seq.request_id, (token,),
-                    logprobs=(logprob,) if logprob is not None and seq.sampling.logprobs else None,
-                    finish_reason=seq.finish_reason,
-                    first_token_time=time.time() if first else None,
-                )
-            )
+            deltas.append(self._append(seq, sampled.token_ids[i], logprob, now))
         return deltas
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None, now: float) -> TokenDelta:
+        first = not seq.output_token_ids
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        if self.scheduler.append_token(seq, token, self.eos_token_ids):
+            self.sequences.pop(seq.request_id, None)
+        return TokenDelta(
+            seq.request_id,
+            (token,),
+            logprobs=(logprob,) if logprob is not None and seq.sampling.logprobs else None,
+            finish_reason=seq.finish_reason,
+            first_token_time=now if first else None,
+        )
+
+    def admit_prefilled(self, request: GenerateRequest, seed: int, first: TokenDelta) -> None:
+        """Start decoding a request whose prompt KV already sits in blocks reserved under its id."""
+        seq = Sequence(
+            request.request_id,
+            list(request.prompt_token_ids),
+            request.sampling,
+            seed,
+            arrival_time=request.arrival_time,
+            num_computed_tokens=len(request.prompt_token_ids),
+        )
+        seq.output_token_ids.extend(first.token_ids)
+        seq.output_logprobs.extend(first.logprobs or ())
+        self.sequences[seq.request_id] = seq
+        self.scheduler.add_running(seq)
+
+    def request_seed(self, request: GenerateRequest) -> int:
+        return request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(63)
 
     def generate(
         self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]

@@ -5,9 +5,14 @@ Every Ray actor call carries one of these dataclasses; nothing else crosses a pr
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.llm_engine import EngineConfig
 
 
 class SamplingParamsError(ValueError):
@@ -55,6 +60,12 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def request_tag(request_id: str) -> int:
+    """A request's id as a signed int64, for headers on the KV channel (same value in every process)."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 class FinishReason(str, Enum):
     STOP = "stop"  # eos, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the model's context
@@ -81,8 +92,10 @@ class TokenDelta:
     logprobs: tuple[float, ...] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
-    # Timing breakdown (seconds since epoch), filled where known.
+    # Timing, filled where known: when the first token was sampled (epoch seconds), and how long the
+    # request's KV took from reservation to landing on the decode worker (on its first decode delta).
     first_token_time: float | None = None
+    kv_transfer_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -100,3 +113,21 @@ class LoadReport:
     used_blocks: int
     total_blocks: int
     extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    backend: str  # "gloo" | "nccl"
+    layers_per_message: int = 1
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a prefill or decode actor is built from (the controller creates one per actor)."""
+
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    engine: EngineConfig
+    transfer: TransferSettings
+    torch_threads: int = 1

@@ -114,7 +114,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.layers:
@@ -169,7 +171,9 @@ class LlamaForCausalLM(nn.Module):
             param = params[target]
             dest = param if rows is None else param.narrow(0, rows[0], rows[1])
             if dest.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
+                raise ValueError(
+                    f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}"
+                )
             dest.copy_(tensor)
             missing[target] -= dest.shape[0] if param.dim() else 1
         unfilled = sorted(name for name, left in missing.items() if left > 0)

@@ -46,7 +46,9 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         kv_cache.bind(model)
 
-    def prepare(self, chunks: Seq[ScheduledChunk], tables: Seq[Seq[int]], kv_hook: KVHook | None = None) -> StepInputs:
+    def prepare(
+        self, chunks: Seq[ScheduledChunk], tables: Seq[Seq[int]], kv_hook: KVHook | None = None
+    ) -> StepInputs:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -101,4 +103,3 @@ class ModelRunner:
         result = sample(logits, batch)
         logprobs = result.logprobs.tolist() if result.logprobs is not None else None
         return SampledTokens(result.token_ids.tolist(), logprobs)
-

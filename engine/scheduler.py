@@ -102,7 +102,9 @@ class Scheduler:
         for chunk in output.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
             if self.blocks.enable_prefix_caching:
-                self.blocks.commit(chunk.seq.request_id, chunk.seq.all_token_ids[: chunk.seq.num_computed_tokens])
+                self.blocks.commit(
+                    chunk.seq.request_id, chunk.seq.all_token_ids[: chunk.seq.num_computed_tokens]
+                )
 
     def append_token(self, seq: Sequence, token_id: int, eos_token_ids: tuple[int, ...]) -> bool:
         """Add a sampled token; True if that finishes the sequence."""
@@ -114,7 +116,16 @@ class Scheduler:
             self.finish(seq, FinishReason.LENGTH)
         return seq.is_finished
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a sequence whose prompt KV is already in its reserved blocks (it arrived from a prefill
+        worker): it joins the running set directly and decodes from its next token."""
+        assert self.blocks.has(seq.request_id), "a prefilled sequence needs its reserved blocks"
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason, free_blocks: bool = True) -> None:
+        """Take a sequence out of the schedule; free_blocks=False keeps its KV (a prefill worker holds it
+        until the decode worker confirms receipt)."""
         if seq.is_finished:
             return
         seq.status = SeqStatus.FINISHED
@@ -123,7 +134,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.request_id)
+        if free_blocks:
+            self.blocks.free(seq.request_id)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

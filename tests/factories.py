@@ -11,9 +11,16 @@ if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
 
 TINY_SHAPE = dict(
-    vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -23,12 +30,23 @@ def save_tiny_hf_model(directory: Path, kind: str) -> str:
 
     torch.manual_seed({"llama": 1, "qwen2": 2, "llama3": 3}[kind])
     if kind == "qwen2":
-        shape = dict(TINY_SHAPE, num_attention_heads=6, num_key_value_heads=2, hidden_size=96,
-                     tie_word_embeddings=True, rope_theta=1_000_000.0)
+        shape = dict(
+            TINY_SHAPE,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            hidden_size=96,
+            tie_word_embeddings=True,
+            rope_theta=1_000_000.0,
+        )
         model = Qwen2ForCausalLM(Qwen2Config(**shape))
     elif kind == "llama3":
-        scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                       original_max_position_embeddings=64)
+        scaling = dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        )
         model = LlamaForCausalLM(LlamaConfig(**TINY_SHAPE, rope_theta=500000.0, rope_scaling=scaling))
     else:
         model = LlamaForCausalLM(LlamaConfig(**dict(TINY_SHAPE, num_key_value_heads=1)))
@@ -46,8 +64,13 @@ def make_engine(model: str | None, **overrides: object) -> LLMEngine:
     from engine.llm_engine import EngineConfig, LLMEngine
 
     settings: dict[str, object] = dict(
-        model=model, dtype="float32", device="cpu", block_size=4, kv_cache_gib=0.05,
-        max_num_batched_tokens=512, load_progress=False,
+        model=model,
+        dtype="float32",
+        device="cpu",
+        block_size=4,
+        kv_cache_gib=0.05,
+        max_num_batched_tokens=512,
+        load_progress=False,
     )
     settings.update(overrides)
     return LLMEngine(EngineConfig(**settings))  # type: ignore[arg-type]

@@ -5,11 +5,15 @@ from __future__ import annotations
 from engine.block_manager import BlockManager
 from engine.messages import FinishReason, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence, SeqStatus
+from engine.sequence import SeqStatus, Sequence
 
 
-def make_scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 16, max_seqs: int = 8) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_seqs, budget, max_model_len=256), BlockManager(num_blocks, block_size))
+def make_scheduler(
+    num_blocks: int = 64, block_size: int = 4, budget: int = 16, max_seqs: int = 8
+) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(max_seqs, budget, max_model_len=256), BlockManager(num_blocks, block_size)
+    )
 
 
 def make_seq(name: str, prompt_len: int, max_tokens: int = 4) -> Sequence:

@@ -1,0 +1,259 @@
+"""The decode worker: reserves KV blocks before prefill starts, receives each layer's KV straight into
+them, adds the sequence to its running batch once every layer has landed and the first token is known,
+and streams tokens back until a stop condition, abort or failure. Wrapped as a Ray actor by the
+controller; the engine runs in its own thread, each KV channel's receiver in another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+import torch
+
+import kernels
+from engine.engine_thread import EngineThread, deliver
+from engine.kv_transfer import ChannelSpec, KVStreamReceiver, StepHeader, listen_channel
+from engine.llm_engine import LLMEngine
+from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta, WorkerSpec, request_tag
+from engine.model_runner import slots_for
+
+log = logging.getLogger(__name__)
+
+Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[TokenDelta]"]
+
+
+@dataclass
+class _Reservation:
+    request: GenerateRequest
+    prefill_id: str
+    seed: int
+    deadline: float
+    reserved_at: float
+    landed: int = 0  # prompt tokens whose KV has arrived for every layer
+    first: TokenDelta | None = None
+    stream: Stream | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.first is not None and self.stream is not None and self.landed >= self.prompt_len
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+
+class DecodeWorker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.engine = LLMEngine(spec.engine)
+        self.receivers: dict[str, KVStreamReceiver] = {}
+        # Guards the reservations and their blocks against the receiver threads writing KV into them.
+        self._lock = threading.Lock()
+        self._reserved: dict[str, _Reservation] = {}
+        self._by_tag: dict[int, str] = {}
+        self._streams: dict[str, Stream] = {}
+        self.transfer_times: list[float] = []
+        self._transfer_s: dict[str, float] = {}  # reported on the request's first decode delta
+        self.thread = EngineThread(f"decode-{spec.worker_id}", self._step)
+        self.thread.start()
+
+    # ---- called by the controller / gateway (asyncio thread) ----
+
+    async def open_receiver(self, prefill_id: str) -> ChannelSpec:
+        """Open a KV channel for prefill_id; returns what the prefill side needs to join it. The channel
+        finishes connecting in the background once the prefill worker joins."""
+        c = self.engine.model_config
+        name = f"{prefill_id}->{self.spec.worker_id}-{time.monotonic_ns()}"
+        spec, connect = listen_channel(
+            self.spec.transfer.backend, name, self.spec.transfer.timeout_s, self.engine.device
+        )
+
+        def start() -> None:
+            conn = connect()
+            receiver = KVStreamReceiver(
+                conn, c.num_layers, c.num_kv_heads, c.head_dim, self.engine.config.torch_dtype,
+                self.spec.transfer.layers_per_message,
+                on_layers=self._on_layers, on_step=self._on_step,
+                on_error=lambda e: self._on_channel_error(prefill_id, e),
+            )
+            old = self.receivers.pop(prefill_id, None)
+            if old is not None:
+                old.stop()
+            self.receivers[prefill_id] = receiver
+            receiver.start()
+
+        threading.Thread(target=start, name=f"kv-connect-{name}", daemon=True).start()
+        return spec
+
+    async def reserve(self, request: GenerateRequest, prefill_id: str) -> bool:
+        """Reserve blocks for the prompt and its first token; False on back-pressure."""
+        self.engine.check_request(request)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self.thread.submit(lambda: deliver(loop, done.set_result, self._reserve(request, prefill_id)))
+        return await done
+
+    async def generate(self, request_id: str, first: TokenDelta) -> AsyncIterator[TokenDelta]:
+        """Stream the request's tokens after the first (sampled by prefill) once its KV has landed."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self.thread.submit(lambda: self._attach(request_id, first, (loop, queue)))
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:
+                self.thread.submit(lambda: self._finish(request_id, FinishReason.ABORT, None))
+
+    async def abort(self, request_id: str) -> None:
+        self.thread.submit(lambda: self._finish(request_id, FinishReason.ABORT, None))
+
+    async def load(self) -> LoadReport:
+        s, b = self.engine.scheduler, self.engine.blocks
+        recent = self.transfer_times[-64:]
+        return LoadReport(
+            self.spec.worker_id, "decode", len(s.running), len(self._reserved), b.num_used_blocks, b.num_blocks,
+            extra={"kv_transfer_s_mean": sum(recent) / len(recent) if recent else 0.0},
+        )
+
+    async def healthy(self) -> bool:
+        return self.thread.alive
+
+    def shutdown(self) -> None:
+        self.thread.stop()
+        for receiver in self.receivers.values():
+            receiver.stop()
+
+    # ---- engine thread ----
+
+    def _reserve(self, request: GenerateRequest, prefill_id: str) -> bool:
+        rid = request.request_id
+        with self._lock:
+            if rid in self._reserved or not self.engine.blocks.reserve(rid, len(request.prompt_token_ids) + 1):
+                return False
+            now = time.monotonic()
+            self._reserved[rid] = _Reservation(
+                request, prefill_id, self.engine.request_seed(request), now + self.spec.transfer.timeout_s, now
+            )
+            self._by_tag[request_tag(rid)] = rid
+        return True
+
+    def _attach(self, request_id: str, first: TokenDelta, stream: Stream) -> None:
+        r = self._reserved.get(request_id)
+        if r is None:
+            deliver(stream[0], stream[1].put_nowait, _ended(request_id, "no KV reservation for this request"))
+            return
+        r.first, r.stream = first, stream
+        self._activate_if_ready(request_id)
+
+    def _activate_if_ready(self, request_id: str) -> None:
+        with self._lock:
+            r = self._reserved.get(request_id)
+            if r is None or not r.ready:
+                return
+            del self._reserved[request_id]
+            del self._by_tag[request_tag(request_id)]
+        assert r.first is not None and r.stream is not None
+        self.transfer_times.append(time.monotonic() - r.reserved_at)
+        self._transfer_s[request_id] = self.transfer_times[-1]
+        self._streams[request_id] = r.stream
+        self.engine.admit_prefilled(r.request, r.seed, r.first)
+
+    def _finish(self, request_id: str, reason: FinishReason, error: str | None) -> None:
+        """Abort or fail a request wherever it is (reserved or running) and free its blocks."""
+        with self._lock:
+            r = self._reserved.pop(request_id, None)
+            if r is not None:
+                del self._by_tag[request_tag(request_id)]
+                self.engine.blocks.free(request_id)
+        stream = self._streams.pop(request_id, None) or (r.stream if r is not None else None)
+        self._transfer_s.pop(request_id, None)
+        if request_id in self.engine.sequences:
+            self.engine.abort_request(request_id, reason)
+        if stream is not None:
+            delta = TokenDelta(request_id, (), finish_reason=reason, error=error)
+            deliver(stream[0], stream[1].put_nowait, delta)
+
+    def _expire_reservations(self) -> None:
+        now = time.monotonic()
+        for rid in [rid for rid, r in self._reserved.items() if r.deadline < now]:
+            self._finish(rid, FinishReason.ERROR, "KV transfer timed out")
+
+    def _step(self) -> bool:
+        self._expire_reservations()
+        if not self.engine.has_unfinished():
+            return False
+        for delta in self.engine.step():
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
+                continue
+            if delta.finished:
+                del self._streams[delta.request_id]
+            transfer_s = self._transfer_s.pop(delta.request_id, None)
+            if transfer_s is not None:
+                delta = replace(delta, kv_transfer_s=transfer_s)
+            deliver(stream[0], stream[1].put_nowait, delta)
+        return True
+
+    # ---- receiver threads ----
+
+    def _on_layers(self, header: StepHeader, layer_a: int, layer_b: int, payload: torch.Tensor) -> None:
+        """payload [layers, 2, T, Hk, D]: write each known segment's rows into its reserved blocks."""
+        offset = 0
+        bs = self.engine.blocks.block_size
+        with self._lock:
+            for seg in header.segments:
+                rid = self._by_tag.get(seg.request_tag)
+                if rid is not None:  # unknown tags (aborted here) are received and dropped
+                    table = self.engine.blocks.block_table(rid)
+                    slots = slots_for(table, seg.start_position, seg.num_tokens, bs)
+                    slot_tensor = torch.tensor(slots, dtype=torch.int64, device=payload.device)
+                    rows = slice(offset, offset + seg.num_tokens)
+                    for i, layer in enumerate(range(layer_a, layer_b)):
+                        kernels.store_kv_cache(
+                            payload[i, 0, rows], payload[i, 1, rows],
+                            self.engine.kv_cache.key(layer), self.engine.kv_cache.value(layer), slot_tensor,
+                        )
+                offset += seg.num_tokens
+
+    def _on_step(self, header: StepHeader) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.current_stream(self.engine.device).synchronize()  # the KV writes are done
+        landed = []
+        with self._lock:
+            for seg in header.segments:
+                rid = self._by_tag.get(seg.request_tag)
+                if rid is not None:
+                    r = self._reserved[rid]
+                    r.landed = max(r.landed, seg.start_position + seg.num_tokens)
+                    landed.append(rid)
+        for tag in header.aborted:
+            rid = self._by_tag.get(tag)
+            if rid is not None:
+                self.thread.submit(lambda rid=rid: self._finish(rid, FinishReason.ABORT, None))
+        for rid in landed:
+            self.thread.submit(lambda rid=rid: self._activate_if_ready(rid))
+
+    def _on_channel_error(self, prefill_id: str, error: Exception) -> None:
+        log.error("KV channel %s -> %s failed: %s", prefill_id, self.spec.worker_id, error)
+
+        def fail() -> None:
+            self.receivers.pop(prefill_id, None)
+            for rid in [rid for rid, r in self._reserved.items() if r.prefill_id == prefill_id]:
+                self._finish(rid, FinishReason.ERROR, f"KV transfer from {prefill_id} failed: {error}")
+
+        self.thread.submit(fail)
+
+
+def _ended(request_id: str, message: str) -> TokenDelta:
+    return TokenDelta(request_id, (), finish_reason=FinishReason.ERROR, error=message)
+

@@ -1,0 +1,55 @@
+"""KV transport from prefill to decode workers: channels (gloo, NCCL) and the layer-wise stream protocol."""
+
+from engine.kv_transfer import torch_dist  # registers the "gloo" and "nccl" transports
+from engine.kv_transfer.base import (
+    RECEIVER_RANK,
+    SENDER_RANK,
+    TRANSPORTS,
+    ChannelClosed,
+    ChannelListener,
+    ChannelSpec,
+    Handle,
+    KVChannel,
+    TransferError,
+    TransferTimeout,
+    open_channel,
+)
+from engine.kv_transfer.protocol import (
+    HEADER_WORDS,
+    MAX_SEGMENTS,
+    KVLayout,
+    KVStreamReceiver,
+    KVStreamSender,
+    ProtocolError,
+    Segment,
+    StepFlags,
+    StepHeader,
+    decode_header,
+    encode_header,
+)
+
+__all__ = [
+    "HEADER_WORDS",
+    "MAX_SEGMENTS",
+    "RECEIVER_RANK",
+    "SENDER_RANK",
+    "TRANSPORTS",
+    "ChannelClosed",
+    "ChannelListener",
+    "ChannelSpec",
+    "Handle",
+    "KVChannel",
+    "KVLayout",
+    "KVStreamReceiver",
+    "KVStreamSender",
+    "ProtocolError",
+    "Segment",
+    "StepFlags",
+    "StepHeader",
+    "TransferError",
+    "TransferTimeout",
+    "decode_header",
+    "encode_header",
+    "open_channel",
+    "torch_dist",
+]

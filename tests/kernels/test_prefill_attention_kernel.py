@@ -1,0 +1,92 @@
+"""Paged prefill attention: reference vs dense causal attention, Triton kernel vs reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from kernels.prefill_attention import prefill_attention_reference, prefill_attention_triton
+from tests.kernels.helpers import PagedKV, Target, make_paged_kv, naive_attention
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+CPU_FP32 = Target("cpu", torch.float32, atol=1e-5, rtol=1e-5)
+GQA = [(4, 4), (6, 2), (8, 2), (8, 1)]  # query/KV head ratios 1, 3, 4, 8
+# (query chunk lengths, cached prefix lengths) per sequence; with block size 8 the prefixes end mid-block,
+# and the chunks cross the interpreter's 16-row tiles. A sequence may have an empty chunk.
+BATCHES = {
+    "ragged-no-prefix": ([20, 7, 33], [0, 0, 0]),
+    "chunks-after-prefix": ([9, 16, 1, 0, 18], [13, 35, 50, 5, 3]),
+}
+
+
+def make_batch(
+    q_lens: list[int],
+    prefixes: list[int],
+    q_heads: int,
+    k_heads: int,
+    head_dim: int,
+    block_size: int,
+    target: Target,
+) -> tuple[torch.Tensor, torch.Tensor, PagedKV]:
+    paged = make_paged_kv(
+        [q + p for q, p in zip(q_lens, prefixes, strict=True)], k_heads, head_dim, block_size, target
+    )
+    cu_seqlens_q = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=target.device)
+    q = torch.randn(sum(q_lens), q_heads, head_dim, device=target.device).to(target.dtype)
+    return q, cu_seqlens_q, paged
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize(("q_heads", "k_heads"), GQA)
+def test_reference_matches_dense_attention(batch: str, q_heads: int, k_heads: int) -> None:
+    q_lens, prefixes = BATCHES[batch]
+    q, cu, paged = make_batch(q_lens, prefixes, q_heads, k_heads, 32, 8, CPU_FP32)
+    out = prefill_attention_reference(
+        q, paged.k_cache, paged.v_cache, cu, paged.kv_lens, paged.block_tables, 0.2
+    )
+    for b, (q_len, prefix) in enumerate(zip(q_lens, prefixes, strict=True)):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        positions = prefix + torch.arange(q_len)
+        expected, _ = naive_attention(q[rows], paged.keys[b], paged.values[b], positions, 0.2)
+        torch.testing.assert_close(out[rows], expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def check_kernel(
+    q_lens: list[int],
+    prefixes: list[int],
+    q_heads: int,
+    k_heads: int,
+    head_dim: int,
+    block_size: int,
+    target: Target,
+) -> None:
+    q, cu, paged = make_batch(q_lens, prefixes, q_heads, k_heads, head_dim, block_size, target)
+    scale = head_dim**-0.5
+    out = prefill_attention_triton(
+        q, paged.k_cache, paged.v_cache, cu, paged.kv_lens, paged.block_tables, scale
+    )
+    # The reference runs in fp32 on the same (rounded) inputs: the tolerance covers the kernel's own rounding.
+    expected = prefill_attention_reference(
+        q.float(), paged.k_cache.float(), paged.v_cache.float(), cu, paged.kv_lens, paged.block_tables, scale
+    )
+    assert out.dtype == q.dtype
+    torch.testing.assert_close(out.float(), expected, atol=target.atol, rtol=target.rtol)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize(("q_heads", "k_heads"), GQA)
+def test_kernel_matches_reference(target: Target, batch: str, q_heads: int, k_heads: int) -> None:
+    check_kernel(*BATCHES[batch], q_heads, k_heads, 32, 8, target)
+
+
+@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (128, 5)])
+def test_kernel_head_dims(target: Target, head_dim: int, block_size: int) -> None:
+    check_kernel([17, 30], [21, 0], 6, 2, head_dim, block_size, target)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_real_shapes(gpu_target: Target, head_dim: int) -> None:
+    # L=4096: one whole prompt, and a 1024-token chunk after a 3072-token cached prefix.
+    check_kernel([4096, 1024], [0, 3072], 32, 8, head_dim, 16, gpu_target)
