@@ -41,8 +41,12 @@ def hf(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> Cal
     def run() -> None:
         with torch.inference_mode():
             model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, pad_token_id=0,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
             )
 
     return run
@@ -61,7 +65,9 @@ def main() -> None:
 
     path = embedded_model_path()
     engine = LLMEngine(EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.5, load_progress=False))
-    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     gen = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
 
@@ -82,8 +88,16 @@ def main() -> None:
             full = best_of(args.runs, make(target, p, args.decode_tokens))  # type: ignore[arg-type]
             rate = batch * (args.decode_tokens - 1) / max(full - first, 1e-9)
             rows.append(Row(f"decode_B{batch}", rate, "tok/s", system=name))
-    write_result("cpu_engine", rows, extra={"threads": threads, "model": "SmolLM2-135M-Instruct Q4_1 -> fp32",
-                                            "cpu_count": os.cpu_count()}, compare=("diptych", "hf"))
+    write_result(
+        "cpu_engine",
+        rows,
+        extra={
+            "threads": threads,
+            "model": "SmolLM2-135M-Instruct Q4_1 -> fp32",
+            "cpu_count": os.cpu_count(),
+        },
+        compare=("diptych", "hf"),
+    )
 
 
 if __name__ == "__main__":

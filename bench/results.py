@@ -50,15 +50,18 @@ def _versions() -> dict[str, str | None]:
     return {"torch": torch.__version__, "triton": triton_version}
 
 
-def write_result(name: str, rows: list[Row], extra: dict[str, Any] | None = None,
-                 compare: tuple[str, str] | None = None) -> Path:
+def write_result(
+    name: str, rows: list[Row], extra: dict[str, Any] | None = None, compare: tuple[str, str] | None = None
+) -> Path:
     """Print the table and write the JSON; with compare=(ours, peer), each of our rows gets the peer's
     figure of the same name as its ceiling."""
     if compare is not None:
         ours, peer = compare
         peer_value = {r.name: r.value for r in rows if r.system == peer}
         rows = [
-            Row(r.name, r.value, r.unit, peer_value.get(r.name), r.system, f"vs {peer}") if r.system == ours else r
+            Row(r.name, r.value, r.unit, peer_value.get(r.name), r.system, f"vs {peer}")
+            if r.system == ours
+            else r
             for r in rows
         ]
     device = device_name() if torch.cuda.is_available() else "cpu"

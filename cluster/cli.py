@@ -7,15 +7,14 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.loader import ModelLoadError
-from engine.tokenizer import Tokenizer, load_tokenizer
-
 from cluster.config import ConfigError
 from cluster.up import add_up_parser, cmd_up
 from engine.config import ModelConfigError
+from engine.detokenizer import IncrementalDetokenizer
 from engine.llm_engine import EngineConfig, LLMEngine, RequestError
+from engine.loader import ModelLoadError
 from engine.messages import GenerateRequest, SamplingParams, SamplingParamsError
+from engine.tokenizer import Tokenizer, load_tokenizer
 
 USER_ERRORS = (ConfigError, ModelLoadError, ModelConfigError, RequestError, SamplingParamsError, ValueError)
 

@@ -55,10 +55,22 @@ class Controller:
         transfer = TransferSettings(
             cfg.resolved_transport, cfg.kv_transport.layers_per_message, cfg.kv_transport.timeout_s
         )
-        self.pools["prefill"] = self._place("prefill", PrefillWorker, cfg.prefill.workers,
-                                            cfg.prefill.gpus_per_worker, self._engine_config("prefill"), transfer)
-        self.pools["decode"] = self._place("decode", DecodeWorker, cfg.decode.workers,
-                                           cfg.decode.gpus_per_worker, self._engine_config("decode"), transfer)
+        self.pools["prefill"] = self._place(
+            "prefill",
+            PrefillWorker,
+            cfg.prefill.workers,
+            cfg.prefill.gpus_per_worker,
+            self._engine_config("prefill"),
+            transfer,
+        )
+        self.pools["decode"] = self._place(
+            "decode",
+            DecodeWorker,
+            cfg.decode.workers,
+            cfg.decode.gpus_per_worker,
+            self._engine_config("decode"),
+            transfer,
+        )
         handles = [h for pool in self.pools.values() for h in pool.actors.values()]
         ray.get([h.healthy.remote() for h in handles])  # every engine has loaded
         for pool in self.pools.values():
@@ -83,8 +95,13 @@ class Controller:
         if rc.address is None:
             temp_dir = rc.temp_dir or os.path.join(tempfile.gettempdir(), "diptych-ray")
             os.makedirs(temp_dir, exist_ok=True)
-            ray.init(num_cpus=rc.num_cpus, _temp_dir=temp_dir, include_dashboard=False,
-                     log_to_driver=True, configure_logging=False)
+            ray.init(
+                num_cpus=rc.num_cpus,
+                _temp_dir=temp_dir,
+                include_dashboard=False,
+                log_to_driver=True,
+                configure_logging=False,
+            )
         else:
             ray.init(address=rc.address)
         self._started_ray = True
@@ -101,13 +118,17 @@ class Controller:
             kv_cache_gib=pool.kv_cache_gib,
             gpu_memory_fraction=pool.gpu_memory_fraction,
             max_num_seqs=cfg.prefill.max_num_seqs if role == "prefill" else cfg.decode.max_batch,
-            max_num_batched_tokens=cfg.prefill.token_budget if role == "prefill" else cfg.decode.max_batch,
+            max_num_batched_tokens=cfg.prefill.token_budget
+            if role == "prefill"
+            else max(cfg.decode.max_batch, 512),
+            chunk_size=cfg.prefill.chunk_size if role == "prefill" else None,
             max_model_len=cfg.model.max_model_len,
             load_progress=False,
         )
 
-    def _place(self, role: str, cls: type, workers: int, gpus: int, engine: EngineConfig,
-               transfer: TransferSettings) -> Pool:
+    def _place(
+        self, role: str, cls: type, workers: int, gpus: int, engine: EngineConfig, transfer: TransferSettings
+    ) -> Pool:
         bundle: dict[str, float] = {"CPU": 1.0, "GPU": float(gpus)} if gpus else {"CPU": CPU_WORKER_SHARE}
         group = placement_group([bundle] * workers, strategy="PACK", name=f"diptych-{role}")
         ray.get(group.ready())

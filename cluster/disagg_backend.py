@@ -11,15 +11,24 @@ from dataclasses import replace
 import ray
 
 from cluster.controller import Controller
+from engine.llm_engine import RequestError
 from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
-from router.backend import BackendOverloadedError, BackendUnavailableError, GenerationBackend, Phase
+from router.backend import (
+    BackendOverloadedError,
+    BackendRejectedError,
+    BackendUnavailableError,
+    GenerationBackend,
+    Phase,
+)
 from router.policy import NoWorkerError, RoutingPolicy
 
 log = logging.getLogger(__name__)
 
 
 class DisaggregatedBackend(GenerationBackend):
-    def __init__(self, controller: Controller, policy: RoutingPolicy, model_name: str, max_model_len: int) -> None:
+    def __init__(
+        self, controller: Controller, policy: RoutingPolicy, model_name: str, max_model_len: int
+    ) -> None:
         super().__init__()
         self.controller = controller
         self.policy = policy
@@ -42,7 +51,11 @@ class DisaggregatedBackend(GenerationBackend):
         finished = False
         try:
             await self.controller.ensure_channel(p, d)
-            if not await self.controller.decode(d).reserve.remote(request, p):
+            try:
+                reserved = await self.controller.decode(d).reserve.remote(request, p)
+            except RequestError as e:  # Ray re-raises the worker's error as a subclass of it
+                raise BackendRejectedError(str(getattr(e, "cause", None) or e)) from None
+            if not reserved:
                 raise BackendOverloadedError(f"decode worker {d} has no free KV blocks")
             first = await self.controller.prefill(p).prefill.remote(request, d)
             finished = first.finished

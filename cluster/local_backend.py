@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from engine.engine_thread import EngineThread, deliver
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, RequestError
 from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
-from router.backend import BackendUnavailableError, GenerationBackend
+from router.backend import BackendRejectedError, BackendUnavailableError, GenerationBackend
 
 
 class LocalEngineBackend(GenerationBackend):
@@ -42,7 +42,10 @@ class LocalEngineBackend(GenerationBackend):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         if not self._thread.alive:
             raise BackendUnavailableError("the engine thread is not running")
-        self.engine.check_request(request)  # bad requests fail here, before any token
+        try:
+            self.engine.check_request(request)  # bad requests fail here, before any token
+        except RequestError as e:
+            raise BackendRejectedError(str(e)) from None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         rid = request.request_id

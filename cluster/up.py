@@ -23,16 +23,22 @@ log = logging.getLogger("diptych")
 
 def add_up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up = sub.add_parser("up", help="start the prefill/decode pools on Ray and the OpenAI-compatible gateway")
-    up.add_argument("--config", default=None, help="deployment YAML (default: embedded model, 1P + 1D on CPU)")
+    up.add_argument(
+        "--config", default=None, help="deployment YAML (default: embedded model, 1P + 1D on CPU)"
+    )
     up.add_argument("--host", default=None, help="gateway host (overrides the config)")
-    up.add_argument("--port", type=int, default=None, help="gateway port (overrides the config; 0 = any free)")
+    up.add_argument(
+        "--port", type=int, default=None, help="gateway port (overrides the config; 0 = any free)"
+    )
     up.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = with_overrides(load_config(args.config), host=args.host, port=args.port, address=args.address)
-    asyncio.run(serve(config, on_ready=lambda url: print(f"diptych gateway listening on {url}", flush=True)))
+    asyncio.run(
+        serve(config, on_ready=lambda url, _: print(f"diptych gateway listening on {url}", flush=True))
+    )
     return 0
 
 
@@ -47,8 +53,11 @@ def gateway_settings(config: DeploymentConfig) -> GatewaySettings:
     )
 
 
-async def serve(config: DeploymentConfig, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run the whole deployment until the server is told to stop; always tears the pools down."""
+async def serve(
+    config: DeploymentConfig, on_ready: Callable[[str, uvicorn.Server], None] | None = None
+) -> None:
+    """Run the whole deployment until the server stops (a signal, or server.should_exit); always tears
+    the pools down. on_ready gets the gateway's URL and the server once it listens."""
     if config.model.path and config.model.path.startswith("random:"):
         raise ValueError("the gateway needs a tokenizer: random-weight models are for benchmarks only")
     source = resolve_model(config.model.path)
@@ -58,12 +67,16 @@ async def serve(config: DeploymentConfig, on_ready: Callable[[str], None] | None
     controller = Controller(config)
     await asyncio.to_thread(controller.start)
     try:
-        backend = DisaggregatedBackend(controller, make_policy(config.routing.policy), config.model.served_name,
-                                       max_len)
+        backend = DisaggregatedBackend(
+            controller, make_policy(config.routing.policy), config.model.served_name, max_len
+        )
         app = build_app(backend, tokenizer, gateway_settings(config))
         server = uvicorn.Server(
             uvicorn.Config(
-                app, host=config.gateway.host, port=config.gateway.port, log_level="info",
+                app,
+                host=config.gateway.host,
+                port=config.gateway.port,
+                log_level="info",
                 timeout_graceful_shutdown=int(config.ray.shutdown_grace_s),
             )
         )
@@ -73,7 +86,7 @@ async def serve(config: DeploymentConfig, on_ready: Callable[[str], None] | None
             await asyncio.sleep(0.05)
         if server.started and on_ready is not None:
             host, port = server.servers[0].sockets[0].getsockname()[:2]
-            on_ready(f"http://{host}:{port}")
+            on_ready(f"http://{host}:{port}", server)
         await task
     finally:
         await asyncio.to_thread(controller.stop)

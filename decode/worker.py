@@ -17,7 +17,7 @@ import torch
 
 import kernels
 from engine.engine_thread import EngineThread, deliver
-from engine.kv_transfer import ChannelSpec, KVStreamReceiver, StepHeader, listen_channel
+from engine.kv_transfer import ChannelListener, ChannelSpec, KVStreamReceiver, StepHeader
 from engine.llm_engine import LLMEngine
 from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta, WorkerSpec, request_tag
 from engine.model_runner import slots_for
@@ -70,16 +70,23 @@ class DecodeWorker:
         finishes connecting in the background once the prefill worker joins."""
         c = self.engine.model_config
         name = f"{prefill_id}->{self.spec.worker_id}-{time.monotonic_ns()}"
-        spec, connect = listen_channel(
-            self.spec.transfer.backend, name, self.spec.transfer.timeout_s, self.engine.device
-        )
+        listener = ChannelListener(self.spec.transfer.backend, name, _node_ip(), self.spec.transfer.timeout_s)
 
         def start() -> None:
-            conn = connect()
+            try:
+                conn = listener.accept(self.engine.device)
+            except Exception as e:  # the prefill side never joined: nothing was promised over it yet
+                log.error("KV channel %s never connected: %s", name, e)
+                return
             receiver = KVStreamReceiver(
-                conn, c.num_layers, c.num_kv_heads, c.head_dim, self.engine.config.torch_dtype,
+                conn,
+                c.num_layers,
+                c.num_kv_heads,
+                c.head_dim,
+                self.engine.config.torch_dtype,
                 self.spec.transfer.layers_per_message,
-                on_layers=self._on_layers, on_step=self._on_step,
+                on_layers=self._on_layers,
+                on_step=self._on_step,
                 on_error=lambda e: self._on_channel_error(prefill_id, e),
             )
             old = self.receivers.pop(prefill_id, None)
@@ -89,7 +96,7 @@ class DecodeWorker:
             receiver.start()
 
         threading.Thread(target=start, name=f"kv-connect-{name}", daemon=True).start()
-        return spec
+        return listener.spec
 
     async def reserve(self, request: GenerateRequest, prefill_id: str) -> bool:
         """Reserve blocks for the prompt and its first token; False on back-pressure."""
@@ -121,8 +128,16 @@ class DecodeWorker:
         s, b = self.engine.scheduler, self.engine.blocks
         recent = self.transfer_times[-64:]
         return LoadReport(
-            self.spec.worker_id, "decode", len(s.running), len(self._reserved), b.num_used_blocks, b.num_blocks,
-            extra={"kv_transfer_s_mean": sum(recent) / len(recent) if recent else 0.0},
+            self.spec.worker_id,
+            "decode",
+            len(s.running),
+            len(self._reserved),
+            b.num_used_blocks,
+            b.num_blocks,
+            extra={
+                "kv_transfer_s_mean": sum(recent) / len(recent) if recent else 0.0,
+                "served": float(len(self.transfer_times)),
+            },
         )
 
     async def healthy(self) -> bool:
@@ -138,11 +153,17 @@ class DecodeWorker:
     def _reserve(self, request: GenerateRequest, prefill_id: str) -> bool:
         rid = request.request_id
         with self._lock:
-            if rid in self._reserved or not self.engine.blocks.reserve(rid, len(request.prompt_token_ids) + 1):
+            if rid in self._reserved or not self.engine.blocks.reserve(
+                rid, len(request.prompt_token_ids) + 1
+            ):
                 return False
             now = time.monotonic()
             self._reserved[rid] = _Reservation(
-                request, prefill_id, self.engine.request_seed(request), now + self.spec.transfer.timeout_s, now
+                request,
+                prefill_id,
+                self.engine.request_seed(request),
+                now + self.spec.transfer.timeout_s,
+                now,
             )
             self._by_tag[request_tag(rid)] = rid
         return True
@@ -220,8 +241,11 @@ class DecodeWorker:
                     rows = slice(offset, offset + seg.num_tokens)
                     for i, layer in enumerate(range(layer_a, layer_b)):
                         kernels.store_kv_cache(
-                            payload[i, 0, rows], payload[i, 1, rows],
-                            self.engine.kv_cache.key(layer), self.engine.kv_cache.value(layer), slot_tensor,
+                            payload[i, 0, rows],
+                            payload[i, 1, rows],
+                            self.engine.kv_cache.key(layer),
+                            self.engine.kv_cache.value(layer),
+                            slot_tensor,
                         )
                 offset += seg.num_tokens
 
@@ -254,6 +278,12 @@ class DecodeWorker:
         self.thread.submit(fail)
 
 
+def _node_ip() -> str:
+    """The address the prefill side reaches this worker's channel store at (this node's, inside Ray)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
 def _ended(request_id: str, message: str) -> TokenDelta:
     return TokenDelta(request_id, (), finish_reason=FinishReason.ERROR, error=message)
-

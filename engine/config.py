@@ -79,6 +79,9 @@ class ModelConfig:
         """Build from a transformers config.json dict."""
         archs = hf.get("architectures") or [_ARCH_BY_MODEL_TYPE.get(hf.get("model_type", ""), "")]
         arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            supported = ", ".join(SUPPORTED_ARCHITECTURES)
+            raise ModelConfigError(f"unsupported architecture {arch!r}; supported: {supported}")
         try:
             num_heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])

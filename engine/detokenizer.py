@@ -17,6 +17,8 @@ _INCOMPLETE = "\ufffd"  # what a decode ends with while a UTF-8 character still 
 
 
 class IncrementalDetokenizer:
+    """One request's output ids, turned into text as it becomes safe to send."""
+
     def __init__(
         self,
         tokenizer: Tokenizer,

@@ -41,6 +41,7 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.85  # of the memory free after the weights load
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    chunk_size: int | None = None  # per-sequence prefill chunk (None: the whole token budget)
     max_model_len: int | None = None  # default: the model's own
     enable_prefix_caching: bool = False
     seed: int = 0
@@ -97,7 +98,9 @@ class LLMEngine:
         )
         self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            SchedulerConfig(
+                config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, config.chunk_size
+            ),
             self.blocks,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)

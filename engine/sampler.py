@@ -45,7 +45,7 @@ class SamplingBatch:
     top_k: Tensor  # [B] int64, 0 = off
     top_p: Tensor  # [B] fp32
     min_p: Tensor  # [B] fp32
-    seeds: Tensor  # [B] int64
+    seeds: Tensor  # [B] int64, the request seed modulo 2**64
     steps: Tensor  # [B] int64, index of the sampled token within the request's output
     want_logprobs: bool  # any row asked for logprobs
     all_greedy: bool  # every row is greedy: plain argmax

@@ -21,6 +21,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # the per-step token budget, shared by prefill chunks and decodes
     max_model_len: int = 8192
+    chunk_size: int | None = None  # most prompt tokens of one sequence per step (None: the whole budget)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -68,12 +69,13 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        cap = self.config.chunk_size or budget
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         for seq in list(self.running):
             if seq not in self.running or budget == 0:
                 continue  # preempted by an older sequence this step, or out of budget
-            n = min(seq.num_uncomputed, budget)
+            n = min(seq.num_uncomputed, budget, cap)
             while not self.blocks.reserve(seq.request_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -92,7 +94,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             seq.num_computed_tokens = cached
             self.running.append(seq)
-            n = min(seq.num_uncomputed, budget)
+            n = min(seq.num_uncomputed, budget, cap)
             chunks.append(ScheduledChunk(seq, cached, n))
             budget -= n
         return SchedulerOutput(chunks, preempted)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -14,6 +17,7 @@ from engine.loader import ModelLoadError, ModelSource
 
 # Stands in for an assistant reply so the text the template puts after a turn can be found.
 _TURN_MARKER = "diptych-turn-marker"
+TOKENIZER_CACHE = Path.home() / ".cache" / "diptych" / "tokenizers"
 
 
 @dataclass(frozen=True)
@@ -28,9 +32,11 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # No clean-up of spaces: decoding must be the same piecewise as whole, for streaming.
-        return self.hf.decode(
+        text = self.hf.decode(
             list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
+        assert isinstance(text, str)  # a flat id list decodes to one string
+        return text
 
     def has_chat_template(self) -> bool:
         return self.hf.chat_template is not None
@@ -62,14 +68,29 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
     """Parsing a GGUF tokenizer takes seconds, hence the cache (one per source per process)."""
     try:
         if source.kind == "gguf":
-            hf = AutoTokenizer.from_pretrained(
-                source.path.parent, gguf_file=source.path.name, local_files_only=True
-            )
+            hf = _gguf_tokenizer(source.path)
         else:
             hf = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError ... on a bad tokenizer
         raise ModelLoadError(f"{source.path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
     return Tokenizer.from_hf(hf, _generation_eos_ids(source))
+
+
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """Converting a GGUF's vocabulary takes ~8 s on a small CPU, and every worker process needs it: convert
+    once, keep the result under ~/.cache/diptych keyed by the file's identity, and load that (< 1 s)."""
+    stat = path.stat()
+    cache = TOKENIZER_CACHE / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (cache / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cache, local_files_only=True)
+    hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    staging = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    try:
+        hf.save_pretrained(staging)
+        os.replace(staging, cache)  # atomic: concurrent processes never read a half-written copy
+    except OSError:  # read-only home, or another process won the race: the converted one is fine
+        shutil.rmtree(staging, ignore_errors=True)
+    return hf
 
 
 def _generation_eos_ids(source: ModelSource) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ class PrefillWorker:
         self.held: dict[str, float] = {}  # request id -> deadline for the decode side's receipt
         self._step_dests: list[str] = []
         self._broken: set[str] = set()
+        self.served = 0  # requests whose first token this worker produced
         self.thread = EngineThread(f"prefill-{spec.worker_id}", self._step)
         self.thread.start()
 
@@ -50,7 +52,11 @@ class PrefillWorker:
         conn = await asyncio.to_thread(open_channel, channel, 0, self.engine.device)
         c = self.engine.model_config
         sender = KVStreamSender(
-            conn, c.num_layers, c.num_kv_heads, c.head_dim, self.engine.config.torch_dtype,
+            conn,
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            self.engine.config.torch_dtype,
             layers_per_message=self.spec.transfer.layers_per_message,
         )
         self.thread.submit(lambda: self._add_sender(decode_id, sender))
@@ -72,8 +78,13 @@ class PrefillWorker:
     async def load(self) -> LoadReport:
         s, b = self.engine.scheduler, self.engine.blocks
         return LoadReport(
-            self.spec.worker_id, "prefill", len(s.running), len(s.waiting), b.num_used_blocks, b.num_blocks,
-            extra={"held": float(len(self.held))},
+            self.spec.worker_id,
+            "prefill",
+            len(s.running),
+            len(s.waiting),
+            b.num_used_blocks,
+            b.num_blocks,
+            extra={"held": float(len(self.held)), "served": float(self.served)},
         )
 
     async def healthy(self) -> bool:
@@ -154,6 +165,7 @@ class PrefillWorker:
             self.engine.scheduler.finish(seq, FinishReason.STOP, free_blocks=False)
             self.held[rid] = time.monotonic() + self.spec.transfer.timeout_s
         if p is not None:
+            self.served += 1
             self._resolve(p, delta)
 
     def _plan_transfers(self, out: SchedulerOutput) -> KVHook | None:
@@ -177,16 +189,17 @@ class PrefillWorker:
 
         def send_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             for d, idx in index.items():
-                self._guard(d, lambda s: s.send_layer(layer, k.index_select(0, idx), v.index_select(0, idx)))
+                rows_k, rows_v = k.index_select(0, idx), v.index_select(0, idx)
+                self._guard(d, lambda s, a=rows_k, b=rows_v: s.send_layer(layer, a, b))
 
         return send_layer if index else None
 
-    def _guard(self, decode_id: str, action: object) -> None:
+    def _guard(self, decode_id: str, action: Callable[[KVStreamSender], None]) -> None:
         """Run a sender action; a failed channel is marked broken instead of failing the whole step."""
         if decode_id in self._broken:
             return
         try:
-            action(self.senders[decode_id])  # type: ignore[operator]
+            action(self.senders[decode_id])
         except (TransferTimeout, RuntimeError) as e:
             log.error("KV channel %s -> %s failed: %s", self.spec.worker_id, decode_id, e)
             self._broken.add(decode_id)

@@ -21,6 +21,10 @@ class BackendOverloadedError(RuntimeError):
     """The backend refuses a request for lack of capacity (queues full, no KV blocks): HTTP 429."""
 
 
+class BackendRejectedError(ValueError):
+    """The backend cannot ever serve this request as asked (e.g. it needs more KV than a worker has): 400."""
+
+
 class Phase(str, Enum):
     """Request phases whose duration only the backend can see."""
 

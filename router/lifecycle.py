@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.messages import FinishReason, GenerateRequest, TokenDelta
-from router.backend import BackendOverloadedError, BackendUnavailableError
-from router.errors import APIError
+from router.backend import BackendOverloadedError, BackendRejectedError, BackendUnavailableError
+from router.errors import APIError, bad_request
 from router.state import Gateway
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ async def generate_text(
         raise gw.retry_later(503, f"backend unavailable: {e}") from e
     except BackendOverloadedError as e:
         raise gw.retry_later(429, f"backend overloaded: {e}") from e
+    except BackendRejectedError as e:
+        raise bad_request(str(e)) from e
     except APIError:
         raise
     except Exception as e:

@@ -39,8 +39,11 @@ def test_greedy_chat_tokens_match_transformers(engine, hf_smollm2: torch.nn.Modu
     for prompt, seq in zip(prompts, seqs):
         with torch.no_grad():
             ref = hf_smollm2.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=32, do_sample=False, eos_token_id=list(engine.eos_token_ids),
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=list(engine.eos_token_ids),
                 pad_token_id=engine.eos_token_ids[0],
             )[0, len(prompt) :].tolist()
         assert len(seq.output_token_ids) >= 4

@@ -12,6 +12,7 @@ from engine.kv_transfer.base import (
     KVChannel,
     TransferError,
     TransferTimeout,
+    listen_channel,
     open_channel,
 )
 from engine.kv_transfer.protocol import (
@@ -50,6 +51,7 @@ __all__ = [
     "TransferTimeout",
     "decode_header",
     "encode_header",
+    "listen_channel",
     "open_channel",
     "torch_dist",
 ]

@@ -83,7 +83,10 @@ class KVChannel(ABC):
     @classmethod
     @abstractmethod
     def connect(cls, spec: ChannelSpec, rank: int, device: torch.device, store: TCPStore) -> KVChannel:
-        """Build the pair's communicator; blocks until the peer connects (spec.connect_timeout_s)."""
+        """Build the pair's communicator; blocks until the peer connects (spec.connect_timeout_s).
+
+        `device` is where the worker's KV lives; the channel's own `device` is where it stages messages.
+        """
 
     @abstractmethod
     def send(self, t: torch.Tensor) -> Handle:
@@ -175,9 +178,12 @@ def open_channel(
         raise ValueError(
             f"channel {spec.name!r}: unknown KV transport {spec.backend!r}; known: {known}"
         ) from None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if store is None:
         store = TCPStore(spec.host, spec.port, None, False, timedelta(seconds=spec.connect_timeout_s))
-    return transport.connect(spec, rank, torch.device(device), store)
+    return transport.connect(spec, rank, device, store)
 
 
 class ChannelListener:
@@ -208,3 +214,11 @@ class ChannelListener:
 
     def close(self) -> None:
         self._store = None
+
+
+def listen_channel(
+    backend: str, name: str, timeout_s: float, device: torch.device | str, host: str = "127.0.0.1"
+) -> tuple[ChannelSpec, Callable[[], KVChannel]]:
+    """The receiver's side in one call: the spec for the sender, and a blocking `accept` to run meanwhile."""
+    listener = ChannelListener(backend, name, host, timeout_s)
+    return listener.spec, lambda: listener.accept(device)

@@ -9,6 +9,7 @@ full (an abort rides in the next header), so the channel never desynchronises.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -258,8 +259,9 @@ class KVStreamSender:
         a, b = self.layout.group_of(layer)
         if self._stream is not None:  # the side stream starts when the compute stream has written this layer
             self._stream.wait_stream(torch.cuda.current_stream(self.channel.device))
-            k.record_stream(self._stream)  # the allocator must not hand these to the compute stream too early
-            v.record_stream(self._stream)
+            for t in (k, v):
+                if t.is_cuda:  # the allocator must not hand them back to the compute stream too early
+                    t.record_stream(self._stream)
         with _stream_scope(self._stream):
             if layer == a:
                 shape = self.layout.payload_shape(b - a, tokens)
@@ -291,14 +293,20 @@ class KVStreamSender:
         """Announce `request_tag` as aborted in the next header; a step already begun is sent in full."""
         self._aborted[request_tag] = None
 
-    def close(self, timeout_s: float | None = None) -> None:
-        """Tell the receiver the stream ends, wait for what is posted, close the channel."""
-        try:
-            if not self.channel.broken and self._step is None:
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Tell the receiver the stream ends, wait for what is posted, close the channel (never raises).
+
+        True when the receiver was told; False when the channel was broken or a step was left open (the
+        receiver then sees the channel break).
+        """
+        told = False
+        if not self.channel.broken and self._step is None:
+            with contextlib.suppress(TransferError):
                 self._post_header(StepHeader(self._next_step_id, (), (), StepFlags.CLOSE))
                 self.flush(timeout_s)
-        finally:
-            self.channel.close()
+                told = True
+        self.channel.close()
+        return told
 
     def _require_step(self) -> _OpenStep:
         if self._step is None:

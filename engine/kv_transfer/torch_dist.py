@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from datetime import timedelta
 
 import torch
-from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore, Work
 
 from engine.kv_transfer.base import (
     SENDER_RANK,
@@ -25,8 +26,20 @@ _IDLE_TIMEOUT = timedelta(days=365)
 _DATA_TAG = 0
 _INTERRUPT_TAG = 1  # nothing is ever sent on it: a recv there that times out is how a gloo group is broken
 _LOOPBACK = {"127.0.0.1", "localhost"}
-_POLL_MIN_S = 10e-6  # NCCL completion polling: back off from 10 us to 0.5 ms, so a wait costs <= ~2x its
-_POLL_MAX_S = 500e-6  # transfer's time on short messages and at most 0.5 ms of latency on long ones
+_POLL_MIN_S = 10e-6  # NCCL completion polling: back off from 10 us to 0.1 ms, so a wait costs <= ~2x its
+_POLL_MAX_S = 100e-6  # transfer's time on short messages and at most 0.1 ms of latency on long ones
+_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+def _post(
+    group: ProcessGroupGloo | torch.distributed.ProcessGroupNCCL,
+    op: str,
+    t: torch.Tensor,
+    peer: int,
+    tag: int,
+) -> Work:
+    post = group.send if op == "send" else group.recv  # type: ignore[union-attr]  # not in torch's stubs
+    return post([t], peer, tag)
 
 
 def _store_prefix(spec: ChannelSpec, group: str) -> str:
@@ -40,7 +53,7 @@ def _gloo_timeout(timeout_s: float | None) -> timedelta:
 
 
 def _gloo_group(spec: ChannelSpec, rank: int, store: TCPStore) -> ProcessGroupGloo:
-    opts = ProcessGroupGloo._Options()
+    opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # the stubs only know the public one
     opts._timeout = timedelta(seconds=spec.connect_timeout_s)  # bounds the rendezvous only; see below
     # Both ends of a loopback channel are local: bind there rather than to whatever the hostname resolves to.
     loopback = spec.host in _LOOPBACK
@@ -53,9 +66,9 @@ def _gloo_group(spec: ChannelSpec, rank: int, store: TCPStore) -> ProcessGroupGl
 
 
 class _GlooHandle(Handle):
-    def __init__(self, channel: KVChannel, work: torch.distributed.Work, what: str) -> None:
+    def __init__(self, channel: KVChannel, work: Work, what: str) -> None:
         self._channel = channel
-        self._work: torch.distributed.Work | None = work
+        self._work: Work | None = work
         self._what = what
 
     def wait(self, timeout_s: float | None) -> None:
@@ -83,9 +96,8 @@ class GlooChannel(KVChannel):
 
     @classmethod
     def connect(cls, spec: ChannelSpec, rank: int, device: torch.device, store: TCPStore) -> GlooChannel:
-        if device.type != "cpu":
-            raise ValueError(f"channel {spec.name!r}: gloo carries host tensors, not {device} ones")
-        return cls(spec, rank, device, _gloo_group(spec, rank, store), store)
+        cpu = torch.device("cpu")  # gloo carries host tensors: a GPU worker's KV is staged through the host
+        return cls(spec, rank, cpu, _gloo_group(spec, rank, store), store)
 
     def send(self, t: torch.Tensor) -> Handle:
         return self._post(t, "send")
@@ -99,10 +111,9 @@ class GlooChannel(KVChannel):
         with self._lock:
             self.check_usable()
             assert self._group is not None
-            post = self._group.send if op == "send" else self._group.recv
             started = time.monotonic()
             try:
-                work = post([t], self.peer, _DATA_TAG)
+                work = _post(self._group, op, t, self.peer, _DATA_TAG)
             except RuntimeError as e:  # the peer is gone already
                 raise self.failure(what, None, started, e) from e
         return _GlooHandle(self, work, what)
@@ -115,13 +126,13 @@ class GlooChannel(KVChannel):
         # A blocked gloo wait cannot be cancelled, but a timeout anywhere in the group closes all of its
         # connections: every pending wait here and at the peer then fails at once.
         with contextlib.suppress(RuntimeError):  # the expected timeout, or a group already broken
-            group.recv([torch.empty(1)], self.peer, _INTERRUPT_TAG).wait(timedelta(milliseconds=1))
+            _post(group, "recv", torch.empty(1), self.peer, _INTERRUPT_TAG).wait(timedelta(milliseconds=1))
 
 
 class _NcclHandle(Handle):
-    def __init__(self, channel: KVChannel, work: torch.distributed.Work, what: str) -> None:
+    def __init__(self, channel: KVChannel, work: Work, what: str) -> None:
         self._channel = channel
-        self._work: torch.distributed.Work | None = work
+        self._work: Work | None = work
         self._what = what
 
     def wait(self, timeout_s: float | None) -> None:
@@ -135,7 +146,7 @@ class _NcclHandle(Handle):
             raise self._channel.failure(self._what, timeout_s, started, e) from e
         self._work = None
 
-    def _poll(self, work: torch.distributed.Work, timeout_s: float | None, started: float) -> None:
+    def _poll(self, work: Work, timeout_s: float | None, started: float) -> None:
         """NCCL cannot time out one operation without tearing the process down, so poll its completion."""
         pause = _POLL_MIN_S
         while not work.is_completed():
@@ -155,7 +166,7 @@ class NcclChannel(KVChannel):
     """Device tensors over NCCL; host tensors (the step headers) over a gloo side group of the same pair.
 
     Headers on the side group mean no NCCL operation is pending while the channel is idle: NCCL cannot
-    cancel one, and its watchdog would take the process down when one waits too long.
+    cancel one (only abort the whole communicator), and an idle wait would have to stay posted forever.
     """
 
     def __init__(self, spec: ChannelSpec, rank: int, device: torch.device, control: GlooChannel) -> None:
@@ -165,8 +176,8 @@ class NcclChannel(KVChannel):
 
     @classmethod
     def connect(cls, spec: ChannelSpec, rank: int, device: torch.device, store: TCPStore) -> NcclChannel:
-        if device.type != "cuda" or device.index is None:
-            raise ValueError(f"channel {spec.name!r}: NCCL needs an indexed CUDA device, got {device}")
+        if device.type != "cuda":
+            raise ValueError(f"channel {spec.name!r}: NCCL carries CUDA tensors, the worker is on {device}")
         channel = cls(spec, rank, device, GlooChannel.connect(spec, rank, torch.device("cpu"), store))
         try:
             channel._group = _nccl_group(spec, rank, store)
@@ -200,7 +211,7 @@ class NcclChannel(KVChannel):
         started = time.monotonic()
         try:
             with torch.cuda.device(self.device):
-                work = (group.send if op == "send" else group.recv)([t], self.peer, _DATA_TAG)
+                work = _post(group, op, t, self.peer, _DATA_TAG)
         except RuntimeError as e:  # an aborted communicator
             raise self.failure(what, None, started, e) from e
         return _NcclHandle(self, work, what)
@@ -221,4 +232,14 @@ class NcclChannel(KVChannel):
 def _nccl_group(spec: ChannelSpec, rank: int, store: TCPStore) -> torch.distributed.ProcessGroupNCCL:
     opts = torch.distributed.ProcessGroupNCCL.Options()
     opts._timeout = _IDLE_TIMEOUT  # deadlines are ours (polling): the watchdog must never fire first
-    return torch.distributed.ProcessGroupNCCL(PrefixStore(_store_prefix(spec, "nccl"), store), rank, 2, opts)
+    prefixed = PrefixStore(_store_prefix(spec, "nccl"), store)
+    # A lost peer must break the channel, not the process: torch's default handling of an asynchronous
+    # NCCL error tears the whole process down. A group reads this when it is built; unless set explicitly,
+    # this group only cleans up (2 = CleanUpOnly: abort its communicators).
+    explicit = os.environ.get(_ERROR_HANDLING)
+    os.environ[_ERROR_HANDLING] = explicit or "2"
+    try:
+        return torch.distributed.ProcessGroupNCCL(prefixed, rank, 2, opts)
+    finally:
+        if explicit is None:
+            del os.environ[_ERROR_HANDLING]

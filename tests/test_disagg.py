@@ -1,0 +1,297 @@
+"""The disaggregated path end to end on CPU: a local Ray cluster, 2 prefill x 2 decode actors with the
+embedded SmolLM2, KV over gloo channels, the real gateway over HTTP; checked against the single-process
+engine. Tests run in file order; the last one kills a decode actor."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from cluster.config import parse_config
+from cluster.up import serve
+from engine.messages import SamplingParams
+from engine.tokenizer import Tokenizer, load_tokenizer
+from tests.factories import make_engine
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "Name three primary colors.",
+    "What is 2 + 2?",
+    "Give me a word that rhymes with cat.",
+    "Say hello in Spanish.",
+]
+MAX_TOKENS = 12
+WORKERS = ["prefill-0", "prefill-1", "decode-0", "decode-1"]
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    config = parse_config(
+        {
+            "prefill": {"workers": 2, "chunk_size": 64, "token_budget": 128, "kv_cache_gib": 0.1},
+            "decode": {"workers": 2, "max_batch": 16, "kv_cache_gib": 0.1},
+            "kv_transport": {"backend": "gloo", "timeout_s": 20.0},
+            "gateway": {"port": 0},
+            "ray": {"num_cpus": 2, "temp_dir": str(tmp_path_factory.mktemp("ray")), "shutdown_grace_s": 2},
+        }
+    )
+    ready: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(serve(config, on_ready=lambda url, server: ready.update(url=url, server=server)))
+        except BaseException as e:  # surfaced by the fixture below
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_until(lambda: "url" in ready or bool(errors), 240, "the deployment to start")
+    if errors:
+        raise errors[0]
+    try:
+        yield ready["url"]
+    finally:
+        ready["server"].should_exit = True
+        thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gateway: str) -> Tokenizer:
+    from engine.loader import resolve_model
+
+    return load_tokenizer(resolve_model(None))
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer: Tokenizer) -> dict[str, list[int]]:
+    """Greedy tokens of each prompt from the single-process engine (the reference implementation)."""
+    engine = make_engine(None, block_size=16, kv_cache_gib=0.1)
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    seqs = engine.generate(ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    return {p: s.output_token_ids for p, s in zip(PROMPTS, seqs)}
+
+
+def loads() -> dict[str, Any]:
+    return {w: ray.get(ray.get_actor(f"diptych-{w}").load.remote()) for w in WORKERS}
+
+
+def all_idle() -> bool:
+    return all(r.used_blocks == 0 and r.running == 0 and r.waiting == 0 for r in loads().values())
+
+
+def chat_body(prompt: str, stream: bool, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
+
+
+async def chat(client: httpx.AsyncClient, prompt: str, stream: bool) -> str:
+    if not stream:
+        r = await client.post("/v1/chat/completions", json=chat_body(prompt, False))
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+    import json
+
+    text = []
+    async with client.stream("POST", "/v1/chat/completions", json=chat_body(prompt, True)) as r:
+        assert r.status_code == 200
+        lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        delta = json.loads(line[6:])["choices"][0]["delta"]
+        text.append(delta.get("content") or "")
+    return "".join(text)
+
+
+def test_greedy_outputs_equal_single_process_engine(
+    gateway: str, tokenizer: Tokenizer, reference: dict[str, list[int]]
+) -> None:
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(base_url=gateway, timeout=120) as client:
+            return await asyncio.gather(*(chat(client, p, stream=i % 2 == 0) for i, p in enumerate(PROMPTS)))
+
+    texts = asyncio.run(run())
+    for prompt, text in zip(PROMPTS, texts):
+        expected = tokenizer.decode(reference[prompt])
+        assert text == expected, prompt
+    assert "Paris" in texts[0]
+    wait_until(all_idle, 10, "every worker to return to idle")
+
+
+def test_requests_spread_over_all_four_workers(gateway: str) -> None:
+    served = {w: r.extra["served"] for w, r in loads().items()}
+    assert all(n > 0 for n in served.values()), served
+
+
+def test_openai_client_chat_and_completions(
+    gateway: str, tokenizer: Tokenizer, reference: dict[str, list[int]]
+) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    prompt = PROMPTS[0]
+    expected = tokenizer.decode(reference[prompt])
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    messages = [{"role": "user", "content": prompt}]
+    out = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+    )
+    assert out.choices[0].message.content == expected
+    assert out.usage is not None and out.usage.prompt_tokens == len(chat_ids)
+    assert out.usage.completion_tokens == len(reference[prompt])
+    chunks = list(
+        client.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=messages,
+            max_tokens=MAX_TOKENS,
+            temperature=0,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(reference[prompt])
+    completion = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=chat_ids, max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert completion.choices[0].text == expected
+    assert completion.usage is not None and completion.usage.prompt_tokens == len(chat_ids)
+    streamed = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=chat_ids, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_dropped_stream_returns_blocks_to_idle(gateway: str) -> None:
+    with (
+        httpx.Client(base_url=gateway, timeout=60) as client,
+        client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=chat_body("Tell me a long story about a dragon.", True, max_tokens=400),
+        ) as r,
+    ):
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]  # a few chunks, then hang up mid-stream
+        assert any(line.startswith("data: {") for line in got)
+    wait_until(all_idle, 15, "both workers' blocks to return to idle after the disconnect")
+
+
+def test_abort_during_kv_transfer_returns_blocks_to_idle_and_channel_stays_in_sync(
+    gateway: str, tokenizer: Tokenizer, reference: dict[str, list[int]]
+) -> None:
+    long_prompt = " ".join(f"word{i}" for i in range(300))  # ~1.2k tokens: many 64-token prefill chunks
+
+    async def abort_mid_prefill() -> None:
+        async with httpx.AsyncClient(base_url=gateway, timeout=60) as client:
+            task = asyncio.ensure_future(
+                client.post(
+                    "/v1/completions", json={"prompt": long_prompt, "max_tokens": 4, "temperature": 0}
+                )
+            )
+            # Wait until a prefill worker is busy with it and its decode worker holds a reservation.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                busy = await asyncio.to_thread(loads)
+                if any(r.running for w, r in busy.items() if w.startswith("prefill")) and any(
+                    r.waiting for w, r in busy.items() if w.startswith("decode")
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the long prompt never reached a prefill worker")
+            task.cancel()  # the client goes away while KV is still streaming
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(abort_mid_prefill())
+    wait_until(all_idle, 20, "both workers' blocks to return to idle after an abort mid-transfer")
+
+    async def again() -> list[str]:  # every channel still carries exact KV afterwards
+        async with httpx.AsyncClient(base_url=gateway, timeout=120) as client:
+            return await asyncio.gather(*(chat(client, p, stream=False) for p in PROMPTS[:4]))
+
+    for prompt, text in zip(PROMPTS[:4], asyncio.run(again())):
+        assert text == tokenizer.decode(reference[prompt])
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(gateway: str) -> None:
+    with httpx.Client(base_url=gateway, timeout=60) as client:
+        too_long = client.post("/v1/completions", json={"prompt": list(range(9000)), "max_tokens": 4})
+        assert too_long.status_code == 400 and too_long.json()["error"]["type"]
+        # Fits the context but not a decode worker's KV cache (0.1 GiB here): a clear 400 too.
+        too_big = client.post("/v1/completions", json={"prompt": list(range(5000)), "max_tokens": 4})
+        assert too_big.status_code == 400 and "KV" in too_big.json()["error"]["message"]
+        assert client.post("/v1/chat/completions", content=b"{not json").status_code == 400
+        assert client.post("/v1/chat/completions", json={"messages": [], "max_tokens": 0}).status_code == 400
+        assert (
+            client.post("/v1/chat/completions", json={**chat_body("hi", False), "model": "nope"}).status_code
+            == 404
+        )
+        ok = client.post("/v1/chat/completions", json=chat_body("hi", False))
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200
+        metrics = client.get("/metrics").text
+        assert "kv_transfer" in metrics
+
+
+def test_killed_decode_actor_fails_its_requests_and_new_ones_succeed(gateway: str) -> None:
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=gateway, timeout=120) as client:
+            long_ones = [
+                asyncio.ensure_future(
+                    client.post(
+                        "/v1/chat/completions",
+                        json=chat_body(f"Tell me a long story number {i}.", False, max_tokens=300),
+                    )
+                )
+                for i in range(4)
+            ]
+            deadline = time.monotonic() + 60
+            victim = None
+            while victim is None and time.monotonic() < deadline:
+                running = await asyncio.to_thread(loads)
+                victim = next((w for w in ("decode-0", "decode-1") if running[w].running), None)
+                await asyncio.sleep(0.1)
+            assert victim is not None, "no decode worker ever ran the long requests"
+            ray.kill(ray.get_actor(f"diptych-{victim}"), no_restart=True)
+            t0 = time.monotonic()
+            results = await asyncio.gather(*long_ones)
+            assert time.monotonic() - t0 < 30  # no hang: requests on the dead worker end promptly
+            failed = [r for r in results if r.status_code != 200]
+            assert failed, "some request was on the killed worker"
+            for r in failed:
+                # Decoding when it died, or still prefilling with KV bound for it: a clear error either way.
+                message = r.json()["error"]["message"]
+                assert r.status_code in (500, 503)
+                assert f"worker {victim} died" in message or f"KV transfer to {victim} failed" in message
+            for prompt in PROMPTS[:3]:  # new requests go to the surviving decode worker
+                r = await client.post("/v1/chat/completions", json=chat_body(prompt, False))
+                assert r.status_code == 200, r.text
+
+    asyncio.run(run())
