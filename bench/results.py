@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+LOWER_IS_BETTER = ("ms", "s", "ratio")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -27,7 +28,10 @@ class Row:
 
     @property
     def fraction(self) -> float | None:
-        return self.value / self.ceiling if self.ceiling else None
+        """Of the ceiling reached: value / ceiling, or ceiling / value where lower is better (times)."""
+        if not self.ceiling or not self.value:
+            return None
+        return self.ceiling / self.value if self.unit in LOWER_IS_BETTER else self.value / self.ceiling
 
 
 def device_name() -> str:

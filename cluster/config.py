@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, TypeVar, get_type_hints
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from pydantic_core import ErrorDetails
 
 from engine.config import PRESETS
@@ -92,6 +92,7 @@ class TransportSection:
     backend: TransportBackend = "auto"  # DeploymentConfig.resolved_transport decides auto
     layers_per_message: int = 1
     timeout_s: float = 30.0
+    stream_layers: bool = True  # send each layer's KV as it is computed; false: after the whole forward
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,7 @@ class _TransportSpec(_Spec):
     backend: TransportBackend = TransportSection.backend
     layers_per_message: _PositiveInt = TransportSection.layers_per_message
     timeout_s: _PositiveFloat = TransportSection.timeout_s
+    stream_layers: StrictBool = TransportSection.stream_layers
 
 
 class _GatewaySpec(_Spec):

@@ -53,7 +53,10 @@ class Controller:
         self._init_ray()
         cfg = self.config
         transfer = TransferSettings(
-            cfg.resolved_transport, cfg.kv_transport.layers_per_message, cfg.kv_transport.timeout_s
+            cfg.resolved_transport,
+            cfg.kv_transport.layers_per_message,
+            cfg.kv_transport.timeout_s,
+            cfg.kv_transport.stream_layers,
         )
         self.pools["prefill"] = self._place(
             "prefill",

@@ -35,6 +35,7 @@ class _Reservation:
     deadline: float
     reserved_at: float
     landed: int = 0  # prompt tokens whose KV has arrived for every layer
+    landed_at: float | None = None  # epoch seconds when the whole prompt had landed
     first: TokenDelta | None = None
     stream: Stream | None = None
 
@@ -59,7 +60,8 @@ class DecodeWorker:
         self._by_tag: dict[int, str] = {}
         self._streams: dict[str, Stream] = {}
         self.transfer_times: list[float] = []
-        self._transfer_s: dict[str, float] = {}  # reported on the request's first decode delta
+        # (reservation to landing in s, landing time): reported on the request's first decode delta
+        self._transfer_s: dict[str, tuple[float, float | None]] = {}
         self.thread = EngineThread(f"decode-{spec.worker_id}", self._step)
         self.thread.start()
 
@@ -185,7 +187,7 @@ class DecodeWorker:
             del self._by_tag[request_tag(request_id)]
         assert r.first is not None and r.stream is not None
         self.transfer_times.append(time.monotonic() - r.reserved_at)
-        self._transfer_s[request_id] = self.transfer_times[-1]
+        self._transfer_s[request_id] = (self.transfer_times[-1], r.landed_at)
         self._streams[request_id] = r.stream
         self.engine.admit_prefilled(r.request, r.seed, r.first)
 
@@ -219,9 +221,9 @@ class DecodeWorker:
                 continue
             if delta.finished:
                 del self._streams[delta.request_id]
-            transfer_s = self._transfer_s.pop(delta.request_id, None)
-            if transfer_s is not None:
-                delta = replace(delta, kv_transfer_s=transfer_s)
+            transfer = self._transfer_s.pop(delta.request_id, None)
+            if transfer is not None:
+                delta = replace(delta, kv_transfer_s=transfer[0], kv_landed_time=transfer[1])
             deliver(stream[0], stream[1].put_nowait, delta)
         return True
 
@@ -229,6 +231,7 @@ class DecodeWorker:
 
     def _on_layers(self, header: StepHeader, layer_a: int, layer_b: int, payload: torch.Tensor) -> None:
         """payload [layers, 2, T, Hk, D]: write each known segment's rows into its reserved blocks."""
+        payload = payload.to(self.engine.device)  # a gloo channel stages on the CPU
         offset = 0
         bs = self.engine.blocks.block_size
         with self._lock:
@@ -259,6 +262,8 @@ class DecodeWorker:
                 if rid is not None:
                     r = self._reserved[rid]
                     r.landed = max(r.landed, seg.start_position + seg.num_tokens)
+                    if r.landed >= r.prompt_len and r.landed_at is None:
+                        r.landed_at = time.time()
                     landed.append(rid)
         for tag in header.aborted:
             rid = self._by_tag.get(tag)

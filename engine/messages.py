@@ -96,6 +96,7 @@ class TokenDelta:
     # request's KV took from reservation to landing on the decode worker (on its first decode delta).
     first_token_time: float | None = None
     kv_transfer_s: float | None = None
+    kv_landed_time: float | None = None  # epoch seconds the last layer of the prompt's KV landed
 
     @property
     def finished(self) -> bool:
@@ -120,6 +121,7 @@ class TransferSettings:
     backend: str  # "gloo" | "nccl"
     layers_per_message: int = 1
     timeout_s: float = 30.0
+    stream_layers: bool = True  # False: send a step's KV only after its forward (the baseline to beat)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ class PrefillWorker:
         self._step_dests: list[str] = []
         self._broken: set[str] = set()
         self.served = 0  # requests whose first token this worker produced
+        self._deferred: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+        self.stream_layers = spec.transfer.stream_layers
         self.thread = EngineThread(f"prefill-{spec.worker_id}", self._step)
         self.thread.start()
 
@@ -86,6 +88,10 @@ class PrefillWorker:
             b.num_blocks,
             extra={"held": float(len(self.held)), "served": float(self.served)},
         )
+
+    async def set_stream_layers(self, stream: bool) -> None:
+        """Switch between layer-wise streaming and sending after the forward (for benchmarks)."""
+        self.thread.submit(lambda: setattr(self, "stream_layers", stream))
 
     async def healthy(self) -> bool:
         return self.thread.alive
@@ -146,6 +152,7 @@ class PrefillWorker:
         if not self.engine.has_unfinished():
             return False
         deltas = self.engine.step(plan=self._plan_transfers)
+        self._send_deferred()
         for sender_id in self._step_dests:
             self._guard(sender_id, lambda s: s.end_step())
         for delta in deltas:
@@ -190,9 +197,17 @@ class PrefillWorker:
         def send_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             for d, idx in index.items():
                 rows_k, rows_v = k.index_select(0, idx), v.index_select(0, idx)
-                self._guard(d, lambda s, a=rows_k, b=rows_v: s.send_layer(layer, a, b))
+                if self.stream_layers:
+                    self._guard(d, lambda s, a=rows_k, b=rows_v: s.send_layer(layer, a, b))
+                else:  # baseline: hold every layer until the forward is done
+                    self._deferred.append((d, layer, rows_k, rows_v))
 
         return send_layer if index else None
+
+    def _send_deferred(self) -> None:
+        for d, layer, k, v in self._deferred:
+            self._guard(d, lambda s, a=k, b=v, layer=layer: s.send_layer(layer, a, b))
+        self._deferred.clear()
 
     def _guard(self, decode_id: str, action: Callable[[KVStreamSender], None]) -> None:
         """Run a sender action; a failed channel is marked broken instead of failing the whole step."""

@@ -1,0 +1,208 @@
+"""Disaggregated serving on two GPUs with Llama-3-8B-shaped random weights (prefill on GPU 0, decode on
+GPU 1, KV over NCCL), measured through the controller's backend (no HTTP, no tokenizer):
+
+1. exposed KV transfer: single long prompts, time from the prefill worker's first token to the decode
+   worker having every layer, with layer-wise streaming and with sending after the forward;
+2. a Poisson workload: TTFT and TPOT percentiles.
+
+    python -m bench.disagg_serving [--requests 32] [--rate 2] [--prompt 512 4096] [--output 64]
+
+Ceilings measured in the same run on GPU 0: HBM copy bandwidth (decode roofline: weights + KV bytes per
+step) and the bf16 matmul rate (prefill roofline: 2 * params * tokens FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from bench.results import Row, write_result
+from cluster.config import parse_config
+from cluster.controller import Controller
+from cluster.disagg_backend import DisaggregatedBackend
+from engine.config import preset
+from engine.messages import GenerateRequest, SamplingParams
+from router.policy import make_policy
+
+
+def copy_bandwidth(device: str = "cuda:0", nbytes: int = 2 << 30) -> float:
+    """Bytes read + written per second of a device-to-device copy."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times)
+
+
+def matmul_rate(device: str = "cuda:0", n: int = 8192) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 10 * 2 * n**3 / (time.perf_counter() - t0)
+
+
+@dataclass
+class Trace:
+    submitted: float
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    exposed_s: float | None = None  # KV landed on decode minus first token sampled on prefill
+
+
+async def run_one(backend: DisaggregatedBackend, prompt: list[int], output: int) -> Trace:
+    request = GenerateRequest(
+        uuid.uuid4().hex, tuple(prompt), SamplingParams(max_tokens=output, ignore_eos=True)
+    )
+    trace = Trace(time.time())
+    first_token_time = None
+    async for delta in backend.generate(request):
+        if delta.error:
+            raise RuntimeError(delta.error)
+        now = time.time()
+        if trace.first is None:
+            trace.first = now
+            first_token_time = delta.first_token_time
+        if delta.kv_landed_time is not None and first_token_time is not None:
+            trace.exposed_s = max(0.0, delta.kv_landed_time - first_token_time)
+        trace.tokens += len(delta.token_ids)
+        trace.last = now
+    return trace
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bench(args: argparse.Namespace, controller: Controller) -> list[Row]:
+    backend = DisaggregatedBackend(controller, make_policy("least_loaded"), args.model, 8192)
+    vocab = preset(args.model.split(":", 1)[1]).vocab_size
+    rng = random.Random(0)
+    prefill = controller.prefill("prefill-0")
+    rows: list[Row] = []
+    long_prompt = [rng.randrange(vocab) for _ in range(args.long_prompt)]
+    for stream in (True, False):
+        await prefill.set_stream_layers.remote(stream)
+        await run_one(backend, long_prompt, 2)  # warm-up (Triton compiles, NCCL connects)
+        traces = [await run_one(backend, long_prompt, 2) for _ in range(args.long_reps)]
+        exposed = statistics.median(t.exposed_s or 0.0 for t in traces)
+        ttft = statistics.median((t.first or 0) - t.submitted for t in traces)
+        mode = "layerwise" if stream else "after_prefill"
+        rows.append(
+            Row(
+                f"kv_exposed_T{args.long_prompt}_{mode}",
+                exposed * 1e3,
+                "ms",
+                note=f"TTFT {ttft * 1e3:.1f} ms",
+            )
+        )
+        rows.append(Row(f"kv_exposed_fraction_of_ttft_{mode}", exposed / ttft, "ratio", ceiling=0.05))
+    await prefill.set_stream_layers.remote(True)
+
+    async def poisson() -> list[Trace]:
+        tasks = []
+        for _ in range(args.requests):
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(*args.prompt))]
+            tasks.append(asyncio.ensure_future(run_one(backend, prompt, args.output)))
+            await asyncio.sleep(rng.expovariate(args.rate))
+        return await asyncio.gather(*tasks)
+
+    t0 = time.time()
+    traces = await poisson()
+    wall = time.time() - t0
+    ttfts = [(t.first or 0) - t.submitted for t in traces]
+    tpots = [((t.last or 0) - (t.first or 0)) / max(1, t.tokens - 1) for t in traces]
+    for q in (0.5, 0.9):
+        rows.append(Row(f"poisson_ttft_p{int(q * 100)}", pct(ttfts, q) * 1e3, "ms"))
+        rows.append(Row(f"poisson_tpot_p{int(q * 100)}", pct(tpots, q) * 1e3, "ms"))
+    rows.append(Row("poisson_output_throughput", sum(t.tokens for t in traces) / wall, "tok/s"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="random:llama3-8b")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
+    parser.add_argument("--prompt", type=int, nargs=2, default=(512, 4096))
+    parser.add_argument("--output", type=int, default=64)
+    parser.add_argument("--long-prompt", type=int, default=8192)
+    parser.add_argument("--long-reps", type=int, default=3)
+    parser.add_argument("--layers-per-message", type=int, default=4)
+    args = parser.parse_args()
+
+    bandwidth, flops = copy_bandwidth(), matmul_rate()
+    shape = preset(args.model.split(":", 1)[1])
+    config = parse_config(
+        {
+            "model": {"path": args.model, "dtype": "bfloat16", "max_model_len": 16384},
+            "prefill": {
+                "gpus_per_worker": 1,
+                "chunk_size": 8192,
+                "token_budget": 8192,
+                "gpu_memory_fraction": 0.5,
+            },
+            "decode": {"gpus_per_worker": 1, "max_batch": 64, "gpu_memory_fraction": 0.8},
+            "kv_transport": {
+                "backend": "nccl",
+                "layers_per_message": args.layers_per_message,
+                "timeout_s": 60,
+            },
+        }
+    )
+    controller = Controller(config)
+    controller.start()
+    try:
+        rows = asyncio.run(bench(args, controller))
+    finally:
+        controller.stop()
+    weight_bytes = shape.num_params * 2
+    mean_prompt = sum(args.prompt) / 2
+    tpot_roofline = (weight_bytes + shape.kv_bytes_per_token(2) * (mean_prompt + args.output / 2)) / bandwidth
+    ttft_roofline = 2 * shape.num_params * mean_prompt / flops
+    ceilings = {"poisson_tpot": tpot_roofline * 1e3, "poisson_ttft": ttft_roofline * 1e3}
+    rows = [
+        Row(r.name, r.value, r.unit, ceilings.get(r.name.rsplit("_", 1)[0], r.ceiling), r.system, r.note)
+        for r in rows
+    ]
+    write_result(
+        "disagg_serving",
+        rows,
+        extra={
+            "hbm_copy_bandwidth_GBps": bandwidth / 1e9,
+            "bf16_matmul_TFLOPs": flops / 1e12,
+            "model": args.model,
+            "requests": args.requests,
+            "rate_per_s": args.rate,
+            "prompt_range": args.prompt,
+            "output_tokens": args.output,
+            "layers_per_message": args.layers_per_message,
+            "ceiling_meaning": "ms rows: roofline time at batch 1 (fraction = roofline / measured)",
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device-machine run: GPU tests, then the benchmarks; logs and result JSON go to $OUT.
+#   (on the GPU host, repo root)  source .devpkgs/setup.sh && bash bench/run_gpu.sh [tests|bench|all]
+set -uo pipefail
+OUT="${OUT:-/tmp/diptych-out}"; mkdir -p "$OUT"
+what="${1:-all}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpus.txt"
+if [ "$what" != bench ]; then
+  python3 -m pytest -c /dev/null --rootdir . -p no:cacheprovider -m gpu -q -x -rfE \
+    tests/test_disagg_gpu.py tests/test_sampler.py tests/test_kv_transfer.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+fi
+if [ "$what" != tests ]; then
+  timeout 150 python3 -m bench.kv_transfer_raw 2>&1 | tee "$OUT/kv_transfer_raw.log" | tail -15
+  timeout 300 python3 -m bench.disagg_serving --requests 24 --rate 2 2>&1 | tee "$OUT/disagg_serving.log" | grep -v "^INFO\|(pid=" | tail -25
+  cp bench/results/*.json "$OUT/" 2>/dev/null
+fi
