@@ -4,6 +4,8 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/diptych-out}"; mkdir -p "$OUT"
 what="${1:-all}"
+# Wheels the host image lacks beyond the bundle (gguf: the loader imports it).
+ls .devpkgs/extra/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .devpkgs/extra/*.whl
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpus.txt"
 if [ "$what" != bench ]; then

@@ -1,4 +1,8 @@
-"""Prefill on one GPU, decode on another, KV over NCCL: greedy outputs equal the single-GPU engine's."""
+"""Prefill on one GPU, decode on another, KV over NCCL: greedy outputs equal the single-GPU engine's.
+
+The GPU host cannot carry the embedded GGUF, so this runs SmolLM2-shaped random weights (the same on
+every process: seeded). Their logits are flat, so near-ties are common: requests run one at a time on
+both sides, which gives both paths the same shapes and so bit-identical arithmetic."""
 
 from __future__ import annotations
 
@@ -12,14 +16,8 @@ from engine.messages import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write one sentence about the sea.",
-    "Name three primary colors.",
-    "What is 2 + 2?",
-    "Give me a word that rhymes with cat.",
-    "Say hello in Spanish.",
-]
+MODEL = "random:smollm2-135m"
+PROMPT_LENGTHS = [7, 40, 129, 300]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -29,7 +27,6 @@ def test_nccl_disaggregated_greedy_equals_single_gpu_engine(tmp_path) -> None:  
     from cluster.controller import Controller
     from cluster.disagg_backend import DisaggregatedBackend
     from engine.llm_engine import EngineConfig, LLMEngine
-    from engine.tokenizer import load_tokenizer
     from router.policy import make_policy
 
     params = SamplingParams(max_tokens=24, temperature=0.0)
@@ -42,11 +39,12 @@ def test_nccl_disaggregated_greedy_equals_single_gpu_engine(tmp_path) -> None:  
             "ray": {"temp_dir": str(tmp_path)},
         }
     )
-    reference = LLMEngine(EngineConfig(dtype="bfloat16", device="cuda:0", gpu_memory_fraction=0.2))
-    assert reference.source is not None
-    tokenizer = load_tokenizer(reference.source)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
-    expected = [s.output_token_ids for s in reference.generate(prompts, params)]
+    reference = LLMEngine(
+        EngineConfig(model=MODEL, dtype="bfloat16", device="cuda:0", gpu_memory_fraction=0.2)
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 49152, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    expected = [reference.generate([p], params)[0].output_token_ids for p in prompts]
     del reference
     torch.cuda.empty_cache()
 
@@ -64,7 +62,7 @@ def test_nccl_disaggregated_greedy_equals_single_gpu_engine(tmp_path) -> None:  
             return tokens
 
         async def run() -> list[list[int]]:
-            return await asyncio.gather(*(one(ids) for ids in prompts))
+            return [await one(ids) for ids in prompts]
 
         got = asyncio.run(run())
         assert got == expected
