@@ -151,10 +151,13 @@ class PrefillWorker:
         self._expire_held()
         if not self.engine.has_unfinished():
             return False
-        deltas = self.engine.step(plan=self._plan_transfers)
-        self._send_deferred()
-        for sender_id in self._step_dests:
-            self._guard(sender_id, lambda s: s.end_step())
+        # The KV stream's staging buffers are written both while planning and inside the forward: one
+        # inference-mode scope around the whole step keeps them all ordinary inference tensors.
+        with torch.inference_mode():
+            deltas = self.engine.step(plan=self._plan_transfers)
+            self._send_deferred()
+            for sender_id in self._step_dests:
+                self._guard(sender_id, lambda s: s.end_step())
         for delta in deltas:
             p = self.pending.get(delta.request_id)
             if p is not None and p.decode_id in self._broken:
