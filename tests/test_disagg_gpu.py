@@ -33,7 +33,7 @@ def test_nccl_disaggregated_greedy_equals_single_gpu_engine() -> None:
     params = SamplingParams(max_tokens=24, temperature=0.0)
     config = parse_config(
         {
-            "model": {"dtype": "bfloat16"},
+            "model": {"path": MODEL, "dtype": "bfloat16"},
             "prefill": {"gpus_per_worker": 1, "gpu_memory_fraction": 0.3},
             "decode": {"gpus_per_worker": 1, "gpu_memory_fraction": 0.3},
             "kv_transport": {"backend": "nccl", "layers_per_message": 4},
