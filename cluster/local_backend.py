@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from engine.engine_thread import EngineThread, deliver
+from engine.engine_thread import EngineThread, deliver, drain_until_finished
 from engine.llm_engine import LLMEngine, RequestError
 from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
 from router.backend import BackendRejectedError, BackendUnavailableError, GenerationBackend
@@ -55,17 +55,13 @@ class LocalEngineBackend(GenerationBackend):
             self.engine.add_request(request)
 
         self._thread.submit(admit)
-        finished = False
-        try:
-            while not finished:
-                delta = await queue.get()
-                finished = delta.finished
-                yield delta
-        finally:
-            if not finished:
-                await self.abort(rid)
+        async for delta in drain_until_finished(queue, lambda: self._abort_soon(rid)):
+            yield delta
 
     async def abort(self, request_id: str) -> None:
+        self._abort_soon(request_id)
+
+    def _abort_soon(self, request_id: str) -> None:
         def drop() -> None:
             stream = self._streams.pop(request_id, None)
             if request_id in self.engine.sequences:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import kernels
-from engine.engine_thread import EngineThread, deliver
+from engine.engine_thread import EngineThread, deliver, drain_until_finished
 from engine.kv_transfer import ChannelListener, ChannelSpec, KVStreamReceiver, StepHeader
 from engine.llm_engine import LLMEngine
 from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta, WorkerSpec, request_tag
@@ -113,15 +113,9 @@ class DecodeWorker:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self.thread.submit(lambda: self._attach(request_id, first, (loop, queue)))
-        finished = False
-        try:
-            while not finished:
-                delta = await queue.get()
-                finished = delta.finished
-                yield delta
-        finally:
-            if not finished:
-                self.thread.submit(lambda: self._finish(request_id, FinishReason.ABORT, None))
+        abandon = lambda: self.thread.submit(lambda: self._finish(request_id, FinishReason.ABORT, None))
+        async for delta in drain_until_finished(queue, abandon):
+            yield delta
 
     async def abort(self, request_id: str) -> None:
         self.thread.submit(lambda: self._finish(request_id, FinishReason.ABORT, None))

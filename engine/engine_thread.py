@@ -10,8 +10,10 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from engine.messages import TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +71,19 @@ def deliver(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any)
     """Call fn(*args) on an asyncio loop from another thread (a no-op once the loop is closed)."""
     if not loop.is_closed():
         loop.call_soon_threadsafe(fn, *args)
+
+
+async def drain_until_finished(
+    queue: asyncio.Queue[TokenDelta], on_abandon: Callable[[], None]
+) -> AsyncIterator[TokenDelta]:
+    """Yield a request's deltas until one carries a finish reason; if the consumer stops first (client
+    gone, stop string), on_abandon runs so the request's blocks are freed."""
+    finished = False
+    try:
+        while not finished:
+            delta = await queue.get()
+            finished = delta.finished
+            yield delta
+    finally:
+        if not finished:
+            on_abandon()
