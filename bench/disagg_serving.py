@@ -21,8 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import torch
-
+from bench.ceilings import copy_bandwidth, matmul_rate
 from bench.results import Row, write_result
 from cluster.config import parse_config
 from cluster.controller import Controller
@@ -30,36 +29,6 @@ from cluster.disagg_backend import DisaggregatedBackend
 from engine.config import preset
 from engine.messages import GenerateRequest, SamplingParams
 from router.policy import make_policy
-
-
-def copy_bandwidth(device: str = "cuda:0", nbytes: int = 2 << 30) -> float:
-    """Bytes read + written per second of a device-to-device copy."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times)
-
-
-def matmul_rate(device: str = "cuda:0", n: int = 8192) -> float:
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 10 * 2 * n**3 / (time.perf_counter() - t0)
 
 
 @dataclass

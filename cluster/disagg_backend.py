@@ -59,6 +59,8 @@ class DisaggregatedBackend(GenerationBackend):
                 raise BackendOverloadedError(f"decode worker {d} has no free KV blocks")
             first = await self.controller.prefill(p).prefill.remote(request, d)
             finished = first.finished
+            if first.queue_s is not None:
+                self.report_timing(Phase.QUEUE, first.queue_s)
             yield first
             if finished:
                 return

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from engine.engine_thread import EngineThread, deliver, drain_until_finished
 from engine.llm_engine import LLMEngine, RequestError
 from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
-from router.backend import BackendRejectedError, BackendUnavailableError, GenerationBackend
+from router.backend import BackendRejectedError, BackendUnavailableError, GenerationBackend, Phase
 
 
 class LocalEngineBackend(GenerationBackend):
@@ -56,6 +56,8 @@ class LocalEngineBackend(GenerationBackend):
 
         self._thread.submit(admit)
         async for delta in drain_until_finished(queue, lambda: self._abort_soon(rid)):
+            if delta.queue_s is not None:
+                self.report_timing(Phase.QUEUE, delta.queue_s)
             yield delta
 
     async def abort(self, request_id: str) -> None:

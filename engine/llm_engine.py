@@ -46,6 +46,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     seed: int = 0
     load_progress: bool = True
+    cuda_graphs: bool = True  # replay pure-decode steps from CUDA graphs (CUDA only; ignored on CPU)
 
     @property
     def torch_device(self) -> torch.device:
@@ -104,6 +105,8 @@ class LLMEngine:
             self.blocks,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
 
@@ -160,6 +163,10 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
+        started = time.time()
+        for chunk in out.chunks:
+            if chunk.seq.first_scheduled_time is None:
+                chunk.seq.first_scheduled_time = started
         tables = [self.blocks.block_table(c.seq.request_id) for c in out.chunks]
         sampled = self.runner.execute(out, tables, plan(out) if plan else None)
         self.scheduler.advance(out)
@@ -183,6 +190,7 @@ class LLMEngine:
             logprobs=(logprob,) if logprob is not None and seq.sampling.logprobs else None,
             finish_reason=seq.finish_reason,
             first_token_time=now if first else None,
+            queue_s=(seq.first_scheduled_time or now) - seq.arrival_time if first else None,
         )
 
     def admit_prefilled(self, request: GenerateRequest, seed: int, first: TokenDelta) -> None:

@@ -97,6 +97,7 @@ class TokenDelta:
     first_token_time: float | None = None
     kv_transfer_s: float | None = None
     kv_landed_time: float | None = None  # epoch seconds the last layer of the prompt's KV landed
+    queue_s: float | None = None  # arrival at the worker to its first scheduled step (first delta only)
 
     @property
     def finished(self) -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import AttentionMetadata, KVHook, forward_context
 from engine.kv_cache import PagedKVCache
 from engine.model import LlamaForCausalLM
@@ -45,6 +46,12 @@ class ModelRunner:
         self.device = device
         self.block_size = kv_cache.block_size
         kv_cache.bind(model)
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """CUDA only: capture the decode forward; pure-decode steps that fit replay it from now on."""
+        assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
+        self.graphs = DecodeGraphs(self.model, max_num_seqs, -(-max_model_len // self.block_size))
 
     def prepare(
         self, chunks: Seq[ScheduledChunk], tables: Seq[Seq[int]], kv_hook: KVHook | None = None
@@ -81,8 +88,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [S, V] (fp32) at the sampled rows."""
-        with forward_context(inputs.meta):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        if self.graphs is not None and self.graphs.can_replay(inputs.meta):
+            hidden = self.graphs.replay(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            with forward_context(inputs.meta):
+                hidden = self.model(inputs.input_ids, inputs.positions)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     @torch.inference_mode()

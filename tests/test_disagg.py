@@ -257,7 +257,12 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(gateway: str) -> N
         assert ok.status_code == 200
         assert client.get("/health").status_code == 200
         metrics = client.get("/metrics").text
-        assert "kv_transfer" in metrics
+        counts = {
+            line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if "_count" in line
+        }
+        for histogram in ("time_to_first_token", "queue_time", "kv_transfer"):
+            name = next(n for n in counts if histogram in n)
+            assert counts[name] > 0, f"{name} never observed"
 
 
 def test_killed_decode_actor_fails_its_requests_and_new_ones_succeed(gateway: str) -> None:
