@@ -137,7 +137,7 @@ class Controller:
         ray.get(group.ready())
         pool = Pool(role, group)
         threads = max(1, (os.cpu_count() or 2) // (self.config.prefill.workers + self.config.decode.workers))
-        actor_cls = ray.remote(cls)
+        actor_cls: Any = ray.remote(cls)
         for i in range(workers):
             wid = f"{role}-{i}"
             spec = WorkerSpec(wid, role, engine, transfer, torch_threads=threads)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -262,9 +263,9 @@ class DecodeWorker:
         for tag in header.aborted:
             rid = self._by_tag.get(tag)
             if rid is not None:
-                self.thread.submit(lambda rid=rid: self._finish(rid, FinishReason.ABORT, None))
+                self.thread.submit(partial(self._finish, rid, FinishReason.ABORT, None))
         for rid in landed:
-            self.thread.submit(lambda rid=rid: self._activate_if_ready(rid))
+            self.thread.submit(partial(self._activate_if_ready, rid))
 
     def _on_channel_error(self, prefill_id: str, error: Exception) -> None:
         log.error("KV channel %s -> %s failed: %s", prefill_id, self.spec.worker_id, error)

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -123,7 +124,11 @@ class PrefillWorker:
         self.pending[rid] = p
 
     def _resolve(self, p: _Pending, delta: TokenDelta) -> None:
-        deliver(p.loop, lambda: p.result.done() or p.result.set_result(delta))
+        def settle() -> None:
+            if not p.result.done():  # the caller may have been cancelled meanwhile
+                p.result.set_result(delta)
+
+        deliver(p.loop, settle)
 
     def _abort(self, request_id: str, reason: FinishReason, error: str | None) -> None:
         self._release(request_id)
@@ -157,7 +162,7 @@ class PrefillWorker:
             deltas = self.engine.step(plan=self._plan_transfers)
             self._send_deferred()
             for sender_id in self._step_dests:
-                self._guard(sender_id, lambda s: s.end_step())
+                self._guard(sender_id, KVStreamSender.end_step)
         for delta in deltas:
             p = self.pending.get(delta.request_id)
             if p is not None and p.decode_id in self._broken:
@@ -193,7 +198,7 @@ class PrefillWorker:
             offset += chunk.num_tokens
         self._step_dests = [d for d in rows if d not in self._broken]
         for d in self._step_dests:
-            self._guard(d, lambda s, d=d: s.begin_step(segments[d]))
+            self._guard(d, partial(KVStreamSender.begin_step, segments=segments[d]))
         device = self.engine.device
         index = {d: torch.tensor(rows[d], dtype=torch.int64, device=device) for d in self._step_dests}
 
@@ -201,7 +206,7 @@ class PrefillWorker:
             for d, idx in index.items():
                 rows_k, rows_v = k.index_select(0, idx), v.index_select(0, idx)
                 if self.stream_layers:
-                    self._guard(d, lambda s, a=rows_k, b=rows_v: s.send_layer(layer, a, b))
+                    self._guard(d, partial(KVStreamSender.send_layer, layer=layer, k=rows_k, v=rows_v))
                 else:  # baseline: hold every layer until the forward is done
                     self._deferred.append((d, layer, rows_k, rows_v))
 
@@ -209,7 +214,7 @@ class PrefillWorker:
 
     def _send_deferred(self) -> None:
         for d, layer, k, v in self._deferred:
-            self._guard(d, lambda s, a=k, b=v, layer=layer: s.send_layer(layer, a, b))
+            self._guard(d, partial(KVStreamSender.send_layer, layer=layer, k=k, v=v))
         self._deferred.clear()
 
     def _guard(self, decode_id: str, action: Callable[[KVStreamSender], None]) -> None:
