@@ -10,9 +10,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0 HF
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpus.txt"
 if [ "$what" != bench ]; then
   python3 -m pytest -c /dev/null --rootdir . -p no:cacheprovider -m gpu -q -x -rfE \
-    tests/test_disagg_gpu.py tests/test_sampler.py tests/test_kv_transfer.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+    tests/test_disagg_gpu.py tests/test_cuda_graphs.py tests/test_sampler.py tests/test_kv_transfer.py tests/kernels 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
 if [ "$what" != tests ]; then
+  timeout 200 python3 -m bench.gpu_kernels 2>&1 | tee "$OUT/gpu_kernels.log" | tail -15
+  timeout 300 python3 -m bench.gpu_engine 2>&1 | tee "$OUT/gpu_engine.log" | tail -15
   timeout 150 python3 -m bench.kv_transfer_raw 2>&1 | tee "$OUT/kv_transfer_raw.log" | tail -15
   timeout 300 python3 -m bench.disagg_serving --requests 24 --rate 2 2>&1 | tee "$OUT/disagg_serving.log" | grep -v "^INFO\|(pid=" | tail -25
   cp bench/results/*.json "$OUT/" 2>/dev/null

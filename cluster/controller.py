@@ -125,6 +125,7 @@ class Controller:
             if role == "prefill"
             else max(cfg.decode.max_batch, 512),
             chunk_size=cfg.prefill.chunk_size if role == "prefill" else None,
+            cuda_graphs=role == "decode",  # prefill workers never run decode steps
             max_model_len=cfg.model.max_model_len,
             load_progress=False,
         )
