@@ -10,7 +10,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0 HF
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpus.txt"
 if [ "$what" != bench ]; then
   python3 -m pytest -c /dev/null --rootdir . -p no:cacheprovider -m gpu -q -x -rfE \
-    tests/test_disagg_gpu.py tests/test_cuda_graphs.py tests/test_sampler.py tests/test_kv_transfer.py tests/kernels 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+    tests/test_disagg_gpu.py tests/test_model_gpu.py tests/test_cuda_graphs.py tests/test_sampler.py tests/test_kv_transfer.py tests/kernels 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
 if [ "$what" != tests ]; then
   timeout 200 python3 -m bench.gpu_kernels 2>&1 | tee "$OUT/gpu_kernels.log" | tail -15
