@@ -355,8 +355,10 @@ def thread_counts() -> tuple[int, int]:
 
 def test_open_close_repeatedly_leaks_no_threads() -> None:
     # Odd rounds stop the receiver while it is blocked on the next header; even ones close from the sender.
-    baseline = None
-    for round_ in range(6):
+    # Python threads must come back exactly; native threads (torch and gloo start some lazily, once) must
+    # not grow from round to round after the first two: a leak would add at least one a round.
+    counts = []
+    for round_ in range(8):
         p = local_pair(f"leak-{round_}")
         p.send_step((Segment(round_, 0, 3),))
         p.sender.flush()
@@ -373,8 +375,11 @@ def test_open_close_repeatedly_leaks_no_threads() -> None:
         assert p.collector.error is None and p.sender.channel.closed and p.receiver.channel.closed
         check_exact(p.collector, {round_: 3})
         del p
-        baseline = baseline or thread_counts()
-    assert thread_counts() == baseline
+        counts.append(thread_counts())
+    python_threads = {c[0] for c in counts}
+    assert len(python_threads) == 1, counts
+    native_after_warmup = [c[1] for c in counts[2:]]
+    assert max(native_after_warmup) - native_after_warmup[0] <= 1, counts
 
 
 def test_sender_checks_its_use_and_carries_abort_only_steps() -> None:
