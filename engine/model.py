@@ -15,6 +15,7 @@ from torch import nn
 import kernels
 from engine.config import ModelConfig
 from engine.forward_context import get_attention_metadata
+from engine.linear import Linear
 from engine.rope import cos_sin_cache
 
 
@@ -62,8 +63,8 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.qkv_proj = nn.Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=False)
+        self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.qkv_bias)
+        self.o_proj = Linear(c.q_size, c.hidden_size, bias=False)
         self.attn = PagedAttention(layer_idx, c.num_heads, c.num_kv_heads, c.head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -79,8 +80,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
@@ -139,7 +140,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.cos_sin = torch.empty(0)  # set by build_model on the model's device
 

@@ -41,7 +41,7 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

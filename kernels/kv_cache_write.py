@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
+from kernels.step_memo import StepMemo
 
 
 @triton.jit
@@ -76,14 +77,19 @@ def store_kv_cache_triton(
     )
 
 
+_HAS_SKIPS: StepMemo[bool] = StepMemo()
+
+
 def store_kv_cache_reference(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
+    # Every layer of a step has the same slot mapping: check it for tokens to skip once a step, not per layer.
+    if _HAS_SKIPS.get(lambda: bool((slot_mapping < 0).any()), equal=(slot_mapping,)):
+        valid = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[valid], k[valid], v[valid]
     # view (not flatten) so that a non-contiguous cache fails loudly instead of writing into a copy.
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[valid])
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[valid])
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
 def store_kv_cache(

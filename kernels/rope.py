@@ -11,6 +11,10 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
+from kernels.step_memo import StepMemo
+
+# The table rows of one step's positions, shared by every layer (see kernels/step_memo.py).
+_TABLES: StepMemo[tuple[torch.Tensor, torch.Tensor]] = StepMemo()
 
 
 @triton.jit
@@ -113,10 +117,25 @@ def apply_rope_triton(
 def apply_rope_reference(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:
-    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
+    cos, sin = _TABLES.get(
+        lambda: _rotation_table(positions, cos_sin_cache), equal=(positions,), identical=(cos_sin_cache,)
+    )
     for x in (q, k):
-        x1, x2 = x.float().chunk(2, dim=-1)
-        x.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+        # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * (cos, cos) + (x2, x1) * (-sin, sin), in place:
+        # three ops per tensor (fp32 x.float() is x itself), which is what the CPU path pays for.
+        x32 = x.float()
+        swapped = x32.roll(x.shape[-1] // 2, dims=-1)
+        x32.mul_(cos).addcmul_(swapped, sin)
+        if x32 is not x:
+            x.copy_(x32)
+
+
+def _rotation_table(
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T, 1, D] (cos, cos), [T, 1, D] (-sin, sin)) of each token's position."""
+    cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(
