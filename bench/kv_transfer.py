@@ -62,7 +62,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-REPS = 5  # after one warm-up
+REPS = 10  # after one warm-up
 TARGET = 0.90
 
 
@@ -70,13 +70,17 @@ TARGET = 0.90
 class StreamCase:
     layers_per_message: int
     sender_in_flight: int  # staging buffers (messages posted and not yet complete) on the sender
+    lanes: int  # NCCL communicators the messages take turns on (ChannelSpec.lanes)
 
     @property
     def label(self) -> str:
-        return f"lpm{self.layers_per_message}_inflight{self.sender_in_flight}"
+        return f"lpm{self.layers_per_message}_inflight{self.sender_in_flight}_lanes{self.lanes}"
 
 
-CASES = tuple(StreamCase(*case) for case in ((1, 2), (2, 2), (4, 2), (8, 2), (2, 4), (4, 4)))
+CASES = tuple(
+    StreamCase(*case)
+    for case in ((1, 2, 1), (2, 2, 1), (4, 2, 1), (8, 2, 1), (1, 4, 2), (2, 2, 2), (2, 4, 2), (4, 4, 2))
+)
 
 
 def raw_seconds(channel: KVChannel, buf: torch.Tensor, sender: bool) -> float:
@@ -169,7 +173,8 @@ def stream_rows(
 
 
 def measure(setup: Setup) -> list[Row]:
-    listeners = [ChannelListener(setup.backend, f"bench-{i}", timeout_s=30.0) for i in range(1 + len(CASES))]
+    lanes = (1, *(case.lanes for case in CASES))
+    listeners = [ChannelListener(setup.backend, f"bench-{i}", lanes=n) for i, n in enumerate(lanes)]
     context = mp.get_context("spawn")
     results = context.Queue()
     process = context.Process(target=run_sender, args=(setup, [x.spec for x in listeners], results))

@@ -90,9 +90,10 @@ class DecodeSection:
 @dataclass(frozen=True)
 class TransportSection:
     backend: TransportBackend = "auto"  # DeploymentConfig.resolved_transport decides auto
-    layers_per_message: int = 1
+    layers_per_message: int = 4
     timeout_s: float = 30.0
     stream_layers: bool = True  # send each layer's KV as it is computed; false: after the whole forward
+    lanes: int = 2  # NCCL only: communicators per channel that messages alternate over
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,14 @@ def _api_key(value: str) -> str:
     return value
 
 
+def _power_of_two(value: int) -> int:
+    if value < 1 or value & (value - 1):
+        raise ValueError(
+            f"must be a power of two (the GPU attention kernels address pages by shifts), got {value}"
+        )
+    return value
+
+
 def _absolute_path(value: str) -> str:
     if not Path(value).is_absolute():
         raise ValueError(f"must be an absolute path, got {value!r}")
@@ -281,7 +290,7 @@ class _DecodeSpec(_Spec):
     max_batch: _PositiveInt = DecodeSection.max_batch
     kv_cache_gib: _PositiveFloat = DecodeSection.kv_cache_gib
     gpu_memory_fraction: _Fraction = DecodeSection.gpu_memory_fraction
-    block_size: _PositiveInt = DecodeSection.block_size
+    block_size: Annotated[int, AfterValidator(_power_of_two)] = DecodeSection.block_size
 
 
 class _TransportSpec(_Spec):
@@ -289,6 +298,7 @@ class _TransportSpec(_Spec):
     layers_per_message: _PositiveInt = TransportSection.layers_per_message
     timeout_s: _PositiveFloat = TransportSection.timeout_s
     stream_layers: StrictBool = TransportSection.stream_layers
+    lanes: _PositiveInt = TransportSection.lanes
 
 
 class _GatewaySpec(_Spec):

@@ -57,6 +57,7 @@ class Controller:
             cfg.kv_transport.layers_per_message,
             cfg.kv_transport.timeout_s,
             cfg.kv_transport.stream_layers,
+            cfg.kv_transport.lanes,
         )
         self.pools["prefill"] = self._place(
             "prefill",

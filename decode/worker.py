@@ -73,7 +73,10 @@ class DecodeWorker:
         finishes connecting in the background once the prefill worker joins."""
         c = self.engine.model_config
         name = f"{prefill_id}->{self.spec.worker_id}-{time.monotonic_ns()}"
-        listener = ChannelListener(self.spec.transfer.backend, name, _node_ip(), self.spec.transfer.timeout_s)
+        transfer = self.spec.transfer
+        listener = ChannelListener(
+            transfer.backend, name, _node_ip(), transfer.timeout_s, lanes=transfer.lanes
+        )
 
         def start() -> None:
             try:

@@ -48,6 +48,12 @@ class EngineConfig:
     load_progress: bool = True
     cuda_graphs: bool = True  # replay pure-decode steps from CUDA graphs (CUDA only; ignored on CPU)
 
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(
+                f"block_size must be a power of two (the attention kernels need it), got {self.block_size}"
+            )
+
     @property
     def torch_device(self) -> torch.device:
         if self.device == "auto":

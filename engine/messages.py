@@ -120,9 +120,10 @@ class LoadReport:
 @dataclass(frozen=True)
 class TransferSettings:
     backend: str  # "gloo" | "nccl"
-    layers_per_message: int = 1
+    layers_per_message: int = 4
     timeout_s: float = 30.0
     stream_layers: bool = True  # False: send a step's KV only after its forward (the baseline to beat)
+    lanes: int = 2  # NCCL communicators per channel that messages alternate over (ChannelSpec.lanes)
 
 
 @dataclass(frozen=True)

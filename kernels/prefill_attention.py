@@ -7,6 +7,8 @@ kv_len - q_len + i and sees every cached position up to its own: the cached pref
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -15,6 +17,25 @@ import triton.language as tl
 from kernels.dispatch import use_triton
 
 LOG2_E = 1.4426950408889634  # 1/ln 2: the kernels use exp2, so log2(e) is folded into the softmax scale
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch shape: query rows x keys per tile, warps per program, software-pipeline depth."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        assert _is_power_of_two(self.block_m) and self.block_m >= 16, "tl.dot needs M >= 16, a power of 2"
+        assert _is_power_of_two(self.block_n) and self.block_n >= 16, "tl.dot needs N >= 16, a power of 2"
+        assert _is_power_of_two(self.num_warps) and self.num_stages >= 1
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 @triton.jit
@@ -36,6 +57,31 @@ def _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(
+    table_ptr,
+    n0,
+    kv_len,
+    rows_in_tile,
+    page_in_tile,
+    stride_cache_block,
+    stride_cache_slot,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Cache offsets of keys n0 .. n0 + BLOCK_N (n0 a multiple of BLOCK_N); keys at or past kv_len get page
+    0 (their loads are masked). rows_in_tile / page_in_tile are the parts every tile shares."""
+    if BLOCK_SIZE >= BLOCK_N:
+        # The tile lies in one page: one table entry, and its slots follow each other.
+        page = tl.load(table_ptr + n0 // BLOCK_SIZE, mask=n0 < kv_len, other=0)
+        return page.to(tl.int64) * stride_cache_block + (n0 % BLOCK_SIZE) * stride_cache_slot + rows_in_tile
+    else:
+        # BLOCK_N // BLOCK_SIZE pages: each row reads its page's entry (same address within a page).
+        in_range = n0 + tl.arange(0, BLOCK_N) < kv_len
+        pages = tl.load(table_ptr + n0 // BLOCK_SIZE + page_in_tile, mask=in_range, other=0)
+        return pages.to(tl.int64) * stride_cache_block + rows_in_tile
+
+
+@triton.jit
 def _attend_tiles(
     acc,
     m_i,
@@ -44,10 +90,10 @@ def _attend_tiles(
     k_cache_ptr,
     v_cache_ptr,
     table_ptr,
-    head_offset,
+    rows_in_tile,
+    page_in_tile,
     stride_cache_block,
     stride_cache_slot,
-    block_size,
     kv_len,
     positions,
     qk_scale,
@@ -55,37 +101,52 @@ def _attend_tiles(
     end,
     MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax accumulation (base 2) over keys [start, end); MASKED applies the causal/length mask."""
+    """Online-softmax accumulation (base 2) over keys [start, end); MASKED applies the causal/length mask.
+
+    start is a multiple of BLOCK_N. The scores stay unscaled until the max: qk_scale then rides in the FMA
+    that subtracts it, so it costs no instruction of its own and q is not rounded again in half precision.
+    """
+    offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_range = offs_n < kv_len
-        if MASKED:
-            blocks = tl.load(table_ptr + offs_n // block_size, mask=in_range, other=0)
-        else:
-            blocks = tl.load(table_ptr + offs_n // block_size)
-        rows = (
-            blocks.to(tl.int64) * stride_cache_block + (offs_n % block_size) * stride_cache_slot + head_offset
-        )
+    # The page-table entries of each tile are read one iteration ahead, into registers. Read in the same
+    # iteration, they would be one more asynchronous load in the chain feeding K/V, and Triton's pipeliner
+    # would then issue K/V only one iteration ahead, waiting on them at once (seen in the sm_90 TTGIR).
+    rows_next = _tile_rows(
+        table_ptr, start, kv_len, rows_in_tile, page_in_tile, stride_cache_block, stride_cache_slot,
+        BLOCK_SIZE, BLOCK_N,
+    )  # fmt: skip
+    for n0 in tl.range(start, end, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        rows = rows_next
+        rows_next = _tile_rows(
+            table_ptr, n0 + BLOCK_N, kv_len, rows_in_tile, page_in_tile, stride_cache_block,
+            stride_cache_slot, BLOCK_SIZE, BLOCK_N,
+        )  # fmt: skip
         kv_offsets = rows[:, None] + offs_d[None, :]
         if MASKED:
-            k = tl.load(k_cache_ptr + kv_offsets, mask=in_range[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + kv_offsets, mask=in_range[:, None], other=0.0)
+            in_range = (n0 + offs_j < kv_len)[:, None]
+            k = tl.load(k_cache_ptr + kv_offsets, mask=in_range, other=0.0)
+            v = tl.load(v_cache_ptr + kv_offsets, mask=in_range, other=0.0)
         else:
             k = tl.load(k_cache_ptr + kv_offsets)
             v = tl.load(v_cache_ptr + kv_offsets)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
-            visible = (offs_n[None, :] <= positions[:, None]) & in_range[None, :]
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            # A real row's position is below kv_len, so this also hides the keys past it.
+            visible = n0 + offs_j[None, :] <= positions[:, None]
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.exp2(qk - m_new[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # qk_scale > 0: the max commutes
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -108,15 +169,18 @@ def _prefill_attention_kernel(
     stride_cache_head,
     stride_table_seq,
     num_seqs,
-    block_size,
     qk_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # Heaviest tiles first: a later query tile sees more keys, so the grid runs from the last tile back and
+    # the last programs to start are the short ones. Tiles are the fastest grid axis, so the programs that
+    # run together share one head's K/V in the L2.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_M)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
@@ -125,50 +189,54 @@ def _prefill_attention_kernel(
     if m0 >= q_len:  # spare program past this sequence's last tile
         return
     kv_len = tl.load(kv_lens_ptr + seq)
-    prefix = kv_len - q_len
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_offsets = (
-        (q_start + offs_m).to(tl.int64)[:, None] * stride_q_token + head * stride_q_head + offs_d[None, :]
-    )
-    q = tl.load(q_ptr + q_offsets, mask=offs_m[:, None] < q_len, other=0.0)
+    row_ok = offs_m[:, None] < q_len
+    q_offsets = (q_start + offs_m).to(tl.int64)[:, None] * stride_q_token + head * stride_q_head
+    q = tl.load(q_ptr + q_offsets + offs_d[None, :], mask=row_ok, other=0.0)
+
+    # The in-page part of each key row's cache offset is the same for every key tile: computed once.
+    offs_j = tl.arange(0, BLOCK_N)
+    head_offset = (head // GROUP) * stride_cache_head
+    rows_in_tile = (offs_j % BLOCK_SIZE) * stride_cache_slot + head_offset
+    page_in_tile = offs_j // BLOCK_SIZE
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     table_ptr = block_tables_ptr + seq * stride_table_seq
-    head_offset = (head // GROUP) * stride_cache_head
+    prefix = kv_len - q_len
     positions = prefix + offs_m
     # Key tiles wholly at or before the tile's first query position are visible to all its rows: no mask.
-    # The rest, up to its last query position, are masked; tiles past that are skipped.
+    # The rest, up to its last query position, are masked; tiles past that are skipped. Two loops, not one
+    # with a per-tile branch: Triton 3.6's software pipeliner fails on that one (sm_90).
     unmasked_end = (prefix + m0 + 1) // BLOCK_N * BLOCK_N
     causal_end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, head_offset, stride_cache_block,
-        stride_cache_slot, block_size, kv_len, positions, qk_scale, 0, unmasked_end,
-        False, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, rows_in_tile, page_in_tile,
+        stride_cache_block, stride_cache_slot, kv_len, positions, qk_scale, 0, unmasked_end,
+        False, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, head_offset, stride_cache_block,
-        stride_cache_slot, block_size, kv_len, positions, qk_scale, unmasked_end, causal_end,
-        True, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, rows_in_tile, page_in_tile,
+        stride_cache_block, stride_cache_slot, kv_len, positions, qk_scale, unmasked_end, causal_end,
+        True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
-    out = acc / l_i[:, None]
+    out = acc * (1.0 / l_i)[:, None]  # one reciprocal per row, not one division per element
     out_offsets = (q_start + offs_m).to(tl.int64)[:, None] * stride_out_token + head * stride_out_head
-    tl.store(
-        out_ptr + out_offsets + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=offs_m[:, None] < q_len,
-    )
+    tl.store(out_ptr + out_offsets + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-def _tile_config(q: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def default_tile_config(q: torch.Tensor) -> TileConfig:
+    """The launch shape prefill_attention_triton takes when given none; bench/sweep_prefill_attention.py
+    measures the alternatives. On an H200 with Triton 3.6 (bf16, head dim 128, 16-token pages) 128 x 128
+    tiles, 8 warps and 3 stages were the fastest of 18 at 4096 and 16384 tokens (0.71 and 0.79 of SDPA;
+    128 x 64: 0.67 and 0.77): 255 registers, no spills."""
     if not q.is_cuda:
-        return 16, 16, 4, 1  # interpreter: the smallest tl.dot tiles keep test shapes small
+        return TileConfig(16, 16, 4, 1)  # interpreter: the smallest tl.dot tiles keep test shapes small
     if q.shape[2] <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3  # head dim 128, bf16: 32 KB of q + 3 stages x 32 KB of K/V in Hopper's 228 KB smem
+        return TileConfig(128, 64, 4, 3)
+    return TileConfig(128, 128, 8, 3)
 
 
 def prefill_attention_triton(
@@ -179,21 +247,25 @@ def prefill_attention_triton(
     kv_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
+    """As prefill_attention; `config` overrides the tile shape (the sweep in bench/ tries several)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = kv_lens.shape[0]
+    block_size = k_cache.shape[1]
     assert q.stride(2) == 1 and q.dtype == k_cache.dtype == v_cache.dtype
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     assert k_cache.shape[3] == head_dim and num_q_heads % k_cache.shape[2] == 0
     assert head_dim in (16, 32, 64, 128, 256), "head dim must be a power of 2 in 16..256"
+    assert _is_power_of_two(block_size), "KV block size must be a power of 2 (the kernel shifts and masks)"
     assert cu_seqlens_q.shape == (num_seqs + 1,) and cu_seqlens_q.dtype == kv_lens.dtype == torch.int32
     assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs and block_tables.stride(1) == 1
     assert block_tables.dtype == torch.int32
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _tile_config(q)
-    _prefill_attention_kernel[(num_tokens // block_m + num_seqs, num_q_heads)](
+    config = config or default_tile_config(q)
+    _prefill_attention_kernel[(num_tokens // config.block_m + num_seqs, num_q_heads)](
         q,
         k_cache,
         v_cache,
@@ -210,15 +282,15 @@ def prefill_attention_triton(
         k_cache.stride(2),
         block_tables.stride(0),
         num_seqs,
-        k_cache.shape[1],
         scale * LOG2_E,
         GROUP=num_q_heads // k_cache.shape[2],
         HEAD_DIM=head_dim,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact, not tf32
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out
 
@@ -226,7 +298,7 @@ def prefill_attention_triton(
 def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
     """[length, Hk, D]: the first `length` cached tokens of one sequence, blocks in table order."""
     num_blocks = -(-length // cache.shape[1])
-    return cache[table[:num_blocks].long()].flatten(0, 1)[:length]
+    return cache.index_select(0, table[:num_blocks].long()).flatten(0, 1)[:length]
 
 
 def prefill_attention_reference(
@@ -238,23 +310,36 @@ def prefill_attention_reference(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    group = q.shape[1] // k_cache.shape[2]
     out = torch.empty_like(q)
     bounds, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
     for b, kv_len in enumerate(lens):
         start, end = bounds[b], bounds[b + 1]
         if start == end:
             continue
-        # [H, L, D] layout for SDPA; GQA by repeating each KV head for its query group.
-        k = _gather(k_cache, block_tables[b], kv_len).transpose(0, 1).repeat_interleave(group, dim=0)
-        v = _gather(v_cache, block_tables[b], kv_len).transpose(0, 1).repeat_interleave(group, dim=0)
-        # Row i may see key j iff j <= (kv_len - q_len) + i: a causal mask shifted by the cached prefix.
-        mask = torch.ones(end - start, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - (end - start))
+        # [1, H, L, D]: 4-D inputs and GQA through enable_gqa let torch take its flash kernel on CPU.
+        k = _gather(k_cache, block_tables[b], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        v = _gather(v_cache, block_tables[b], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        causal = _causal_mask(end - start, kv_len, q.device)
         o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale
+            q[start:end].transpose(0, 1).unsqueeze(0),
+            k,
+            v,
+            attn_mask=causal,
+            is_causal=causal is None,
+            scale=scale,
+            enable_gqa=True,
         )
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = o[0].transpose(0, 1)
     return out
+
+
+def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
+    """Row i may see key j iff j <= (kv_len - q_len) + i: a causal mask shifted by the cached prefix.
+
+    None when nothing is cached: SDPA's own is_causal (aligned top-left) is then the same mask."""
+    if q_len == kv_len:
+        return None
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
 def prefill_attention(

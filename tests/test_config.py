@@ -170,6 +170,8 @@ def test_out_of_range_message_names_the_key_the_bound_and_the_value() -> None:
         ("prefill", "gpus_per_worker", -1),
         ("decode", "gpus_per_worker", 2),
         ("decode", "block_size", 0),
+        ("decode", "block_size", 24),
+        ("kv_transport", "lanes", 0),
         ("decode", "kv_cache_gib", 0.0),
         ("decode", "gpu_memory_fraction", 1.5),
         ("prefill", "gpu_memory_fraction", 0.0),

@@ -160,9 +160,11 @@ class Pair:
 
 
 @contextlib.contextmanager
-def pair(script: Script, name: str, timeout_s: float = 5.0, backend: str = "gloo") -> Iterator[Pair]:
+def pair(
+    script: Script, name: str, timeout_s: float = 5.0, backend: str = "gloo", lanes: int = 1
+) -> Iterator[Pair]:
     """A sender process running `script` and a receiver in this process, torn down whatever happens."""
-    listener = ChannelListener(backend, name, timeout_s=timeout_s, connect_timeout_s=60.0)
+    listener = ChannelListener(backend, name, timeout_s=timeout_s, connect_timeout_s=60.0, lanes=lanes)
     # Sender processes fork from a server that imported torch once: a fresh interpreter per process costs
     # seconds on a busy 2-core host, and forking this (threaded) test process would not be safe.
     PROCESSES.set_forkserver_preload([__name__])
@@ -247,6 +249,16 @@ def test_steps_arrive_exact_per_request(backend: str, layers_per_message: int) -
         assert p.collector.error is None
     assert [h.step_id for h in p.collector.headers] == [0, 1, 2]
     assert [h.segments for h in p.collector.headers] == [s.segments for s in STEPS]
+    check_exact(p.collector, LENGTHS)
+
+
+@pytest.mark.parametrize("layers_per_message", [pytest.param(n, marks=TWO_GPUS) for n in (1, 2)])
+def test_messages_alternating_over_two_nccl_lanes_arrive_exact(layers_per_message: int) -> None:
+    # 5 layers: an odd number of messages a step (1 layer each), so consecutive steps start on either lane.
+    script = Script(STEPS, num_layers=5, layers_per_message=layers_per_message)
+    with pair(script, f"lanes-{layers_per_message}", backend="nccl", lanes=2) as p:
+        p.wait_steps(len(STEPS))
+        assert p.receiver.join(10.0), "the sender's close should end the receiver"
     check_exact(p.collector, LENGTHS)
 
 
@@ -417,6 +429,8 @@ def test_sender_checks_its_use_and_carries_abort_only_steps() -> None:
 def test_bad_specs_are_rejected() -> None:
     with pytest.raises(ValueError, match="port"):
         ChannelSpec("gloo", "127.0.0.1", 0, "x")
+    with pytest.raises(ValueError, match="lanes must be >= 1"):
+        ChannelSpec("nccl", "127.0.0.1", 1, "x", lanes=0)
     with pytest.raises(ValueError, match="unknown KV transport 'tcp'"):
         open_channel(ChannelSpec("tcp", "127.0.0.1", 1, "x"), SENDER_RANK, "cpu")
     spec, accept = listen_channel("nccl", "bad-device", 1.0, "cpu")

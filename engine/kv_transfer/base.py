@@ -43,10 +43,15 @@ class ChannelSpec:
     name: str  # unique per pair, e.g. "prefill-0->decode-1"
     timeout_s: float = 30.0  # bounds each wait for a message of a step that started (never an idle wait)
     connect_timeout_s: float = 60.0  # bounds the rendezvous, which includes waiting for the peer to show up
+    # NCCL: communicators the payload messages take turns on, so one message's start-up overlaps the
+    # previous one's transfer (a p2p operation pays a fixed handshake that a single stream serialises).
+    lanes: int = 1
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("a channel needs a non-empty name")
+        if self.lanes < 1:
+            raise ValueError(f"channel {self.name!r}: lanes must be >= 1, got {self.lanes}")
         if not 0 < self.port < 65536:
             raise ValueError(f"channel {self.name!r}: port must be in [1, 65535], got {self.port}")
         if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
@@ -199,11 +204,12 @@ class ChannelListener:
         host: str = "127.0.0.1",
         timeout_s: float = 30.0,
         connect_timeout_s: float = 60.0,
+        lanes: int = 1,
     ) -> None:
         self._store: TCPStore | None = TCPStore(
             host, 0, None, True, timedelta(seconds=connect_timeout_s), wait_for_workers=False
         )
-        self.spec = ChannelSpec(backend, host, self._store.port, name, timeout_s, connect_timeout_s)
+        self.spec = ChannelSpec(backend, host, self._store.port, name, timeout_s, connect_timeout_s, lanes)
 
     def accept(self, device: torch.device | str) -> KVChannel:
         """Open the receiver side; blocks until the sender has connected. A listener accepts once."""

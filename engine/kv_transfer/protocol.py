@@ -203,7 +203,8 @@ class KVStreamSender:
     """Prefill side of a channel: streams each step's KV layer by layer. Owns the channel.
 
     On CUDA the copies into the staging buffers and the sends run on a side stream that first waits for
-    the compute stream, so a layer's transfer overlaps the next layer's compute.
+    the compute stream, so a layer's transfer overlaps the next layer's compute. `max_in_flight` staging
+    buffers (default: two per lane of the channel) bound the messages posted and not yet complete.
     """
 
     def __init__(
@@ -215,12 +216,13 @@ class KVStreamSender:
         dtype: torch.dtype,
         layers_per_message: int = 1,
         *,
-        max_in_flight: int = 2,
+        max_in_flight: int | None = None,
     ) -> None:
         self.channel = channel
         self.layout = KVLayout(num_layers, kv_heads, head_dim, dtype, layers_per_message)
         self._timeout_s = channel.spec.timeout_s
-        self._payloads = _Staging(max_in_flight, dtype, channel.device)
+        in_flight = 2 * channel.spec.lanes if max_in_flight is None else max_in_flight
+        self._payloads = _Staging(in_flight, dtype, channel.device)
         self._headers = _Staging(2, torch.int64, torch.device("cpu"))
         cuda = channel.device.type == "cuda"
         self._stream = torch.cuda.Stream(channel.device) if cuda else None

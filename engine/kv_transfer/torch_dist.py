@@ -167,12 +167,15 @@ class NcclChannel(KVChannel):
 
     Headers on the side group mean no NCCL operation is pending while the channel is idle: NCCL cannot
     cancel one (only abort the whole communicator), and an idle wait would have to stay posted forever.
+    With spec.lanes > 1 the pair has that many communicators and the i-th device message of each direction
+    takes lane i % lanes on both sides, so the order within every lane still matches.
     """
 
     def __init__(self, spec: ChannelSpec, rank: int, device: torch.device, control: GlooChannel) -> None:
         super().__init__(spec, rank, device)
         self._control = control
-        self._group: torch.distributed.ProcessGroupNCCL | None = None
+        self._lanes: list[torch.distributed.ProcessGroupNCCL] = []
+        self._posted = {"send": 0, "recv": 0}  # device messages posted so far, per direction
 
     @classmethod
     def connect(cls, spec: ChannelSpec, rank: int, device: torch.device, store: TCPStore) -> NcclChannel:
@@ -180,7 +183,7 @@ class NcclChannel(KVChannel):
             raise ValueError(f"channel {spec.name!r}: NCCL carries CUDA tensors, the worker is on {device}")
         channel = cls(spec, rank, device, GlooChannel.connect(spec, rank, torch.device("cpu"), store))
         try:
-            channel._group = _nccl_group(spec, rank, store)
+            channel._lanes = [_nccl_group(spec, rank, store, lane) for lane in range(spec.lanes)]
             channel._warm_up()
         except BaseException:
             channel.close()
@@ -204,9 +207,11 @@ class NcclChannel(KVChannel):
     def _post(self, t: torch.Tensor, op: str) -> Handle:
         assert t.device == self.device and t.is_contiguous(), f"{op} needs a contiguous {self.device} tensor"
         self.check_usable()
-        group = self._group
-        if group is None:
+        lanes = self._lanes
+        if not lanes:
             raise ChannelClosed(f"channel {self.name!r} is closed")
+        group = lanes[self._posted[op] % len(lanes)]
+        self._posted[op] += 1
         what = f"{op} of {t.nbytes} bytes"
         started = time.monotonic()
         try:
@@ -217,22 +222,27 @@ class NcclChannel(KVChannel):
         return _NcclHandle(self, work, what)
 
     def _warm_up(self) -> None:
-        """One tiny transfer creates the NCCL communicator now, not within the first step's timeout."""
+        """One tiny transfer per lane creates the NCCL communicators now, not within the first step's
+        timeout. Then every lane count starts from zero again, on both sides."""
         probe = torch.zeros(1, device=self.device)
-        handle = self.send(probe) if self.rank == SENDER_RANK else self.recv(probe)
-        handle.wait(self.spec.connect_timeout_s)
+        op = "send" if self.rank == SENDER_RANK else "recv"
+        for _ in self._lanes:
+            self._post(probe, op).wait(self.spec.connect_timeout_s)
+        self._posted[op] = 0
 
     def _shutdown(self) -> None:
         self._control.close()
-        group, self._group = self._group, None
-        if group is not None:
+        lanes, self._lanes = self._lanes, []
+        for group in lanes:
             group.abort()  # also stops NCCL kernels still waiting for a peer that is gone
 
 
-def _nccl_group(spec: ChannelSpec, rank: int, store: TCPStore) -> torch.distributed.ProcessGroupNCCL:
+def _nccl_group(
+    spec: ChannelSpec, rank: int, store: TCPStore, lane: int
+) -> torch.distributed.ProcessGroupNCCL:
     opts = torch.distributed.ProcessGroupNCCL.Options()
     opts._timeout = _IDLE_TIMEOUT  # deadlines are ours (polling): the watchdog must never fire first
-    prefixed = PrefixStore(_store_prefix(spec, "nccl"), store)
+    prefixed = PrefixStore(_store_prefix(spec, f"nccl-{lane}"), store)
     # A lost peer must break the channel, not the process: torch's default handling of an asynchronous
     # NCCL error tears the whole process down. A group reads this when it is built; unless set explicitly,
     # this group only cleans up (2 = CleanUpOnly: abort its communicators).

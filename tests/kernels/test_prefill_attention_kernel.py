@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from kernels.prefill_attention import prefill_attention_reference, prefill_attention_triton
+from kernels.prefill_attention import TileConfig, prefill_attention_reference, prefill_attention_triton
 from tests.kernels.helpers import PagedKV, Target, make_paged_kv, naive_attention
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -61,11 +61,12 @@ def check_kernel(
     head_dim: int,
     block_size: int,
     target: Target,
+    config: TileConfig | None = None,
 ) -> None:
     q, cu, paged = make_batch(q_lens, prefixes, q_heads, k_heads, head_dim, block_size, target)
     scale = head_dim**-0.5
     out = prefill_attention_triton(
-        q, paged.k_cache, paged.v_cache, cu, paged.kv_lens, paged.block_tables, scale
+        q, paged.k_cache, paged.v_cache, cu, paged.kv_lens, paged.block_tables, scale, config
     )
     # The reference runs in fp32 on the same (rounded) inputs: the tolerance covers the kernel's own rounding.
     expected = prefill_attention_reference(
@@ -81,9 +82,38 @@ def test_kernel_matches_reference(target: Target, batch: str, q_heads: int, k_he
     check_kernel(*BATCHES[batch], q_heads, k_heads, 32, 8, target)
 
 
-@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (128, 5)])
+# Block 16 is one page per interpreter key tile, 32 puts two tiles in a page (one starts mid-page).
+@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (128, 32)])
 def test_kernel_head_dims(target: Target, head_dim: int, block_size: int) -> None:
     check_kernel([17, 30], [21, 0], 6, 2, head_dim, block_size, target)
+
+
+# Tile shapes other than the default, as the GPU sweep tries them: key tiles spanning several pages (4 per
+# tile), tiles inside one page, query tiles taller and shorter than key tiles.
+@pytest.mark.parametrize(
+    ("config", "block_size"),
+    [
+        (TileConfig(32, 16, 4, 1), 4),
+        (TileConfig(16, 32, 4, 1), 8),
+        (TileConfig(32, 32, 4, 1), 64),
+        (TileConfig(64, 16, 4, 2), 32),
+    ],
+    ids=str,
+)
+def test_kernel_tile_configs(target: Target, config: TileConfig, block_size: int) -> None:
+    check_kernel(*BATCHES["chunks-after-prefix"], 6, 2, 32, block_size, target, config)
+
+
+def test_kernel_rejects_block_size_not_a_power_of_two() -> None:
+    q, cu, paged = make_batch([5], [3], 2, 1, 16, 6, CPU_FP32)
+    with pytest.raises(AssertionError, match="power of 2"):
+        prefill_attention_triton(q, paged.k_cache, paged.v_cache, cu, paged.kv_lens, paged.block_tables, 0.25)
+
+
+@pytest.mark.parametrize("shape", [(48, 16, 4, 1), (16, 8, 4, 1), (64, 64, 3, 1), (64, 64, 4, 0)])
+def test_tile_config_rejects_bad_shapes(shape: tuple[int, int, int, int]) -> None:
+    with pytest.raises(AssertionError):
+        TileConfig(*shape)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -1,0 +1,225 @@
+"""Tile-shape sweep of the paged prefill attention kernel against torch SDPA, on one GPU.
+
+    python -m bench.sweep_prefill_attention [--out bench/results/sweep_prefill_attention-<gpu>.json]
+
+For each prefill length of bench/gpu_kernels.py, with its shapes (one sequence, 32 heads of 128, bf16, K/V in
+16-token blocks scattered at random), times torch SDPA (causal, contiguous K/V) and then the Triton kernel
+under every TileConfig in CANDIDATES. Each candidate's output is checked once against SDPA's, at the bf16
+tolerance of the kernel tests, before it is timed. A candidate that fails to compile or launch (out of shared
+memory, say) or answers wrongly is recorded as such and the sweep goes on. Prints a table per length and
+writes every row as JSON; "best" is the candidate with the highest worst-case fraction of SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from bench.gpu_kernels import (
+    BLOCK_SIZE,
+    DTYPE,
+    HEAD_DIM,
+    NUM_Q_HEADS,
+    PREFILL_LENGTHS,
+    causal_flops,
+    median_s,
+    random_tables,
+)
+from bench.results import RESULTS_DIR, device_name
+from kernels.prefill_attention import TileConfig, default_tile_config, prefill_attention_triton
+
+# Shapes the sm_90 build (Triton 3.6) takes without register spills and within 227 KB of shared memory.
+# 128-row tiles need 8 warps (with 4 they spill); 128-key tiles fit 2-3 stages at most.
+CANDIDATES = (
+    TileConfig(128, 64, 8, 2),
+    TileConfig(128, 64, 8, 3),
+    TileConfig(128, 64, 8, 4),
+    TileConfig(128, 64, 8, 5),
+    TileConfig(128, 128, 8, 2),
+    TileConfig(128, 128, 8, 3),
+    TileConfig(128, 32, 8, 3),
+    TileConfig(128, 32, 8, 4),
+    TileConfig(128, 32, 8, 5),
+    TileConfig(64, 64, 4, 3),
+    TileConfig(64, 64, 4, 4),
+    TileConfig(64, 64, 4, 5),
+    TileConfig(64, 64, 8, 3),
+    TileConfig(64, 64, 8, 4),
+    TileConfig(64, 32, 4, 4),
+    TileConfig(64, 32, 4, 5),
+    TileConfig(64, 128, 8, 2),
+    TileConfig(64, 128, 8, 3),
+)
+ATOL = RTOL = 2e-2  # bf16, as tests/kernels/helpers.py holds the kernel to
+DEFAULT_OUT = RESULTS_DIR / "sweep_prefill_attention.json"  # run_gpu.sh names it per GPU
+
+
+@dataclass(frozen=True)
+class PrefillCase:
+    """One sequence of `length` tokens: paged inputs for ours, contiguous [1, H, L, D] copies for SDPA."""
+
+    length: int
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cu_seqlens: torch.Tensor
+    kv_lens: torch.Tensor
+    tables: torch.Tensor
+    sdpa_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    @property
+    def scale(self) -> float:
+        return HEAD_DIM**-0.5
+
+    def ours(self, config: TileConfig) -> Callable[[], torch.Tensor]:
+        args = (self.q, self.k_cache, self.v_cache, self.cu_seqlens, self.kv_lens, self.tables, self.scale)
+        return lambda: prefill_attention_triton(*args, config=config)
+
+    def sdpa(self) -> torch.Tensor:
+        return F.scaled_dot_product_attention(*self.sdpa_inputs, is_causal=True, scale=self.scale)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    length: int
+    config: TileConfig
+    tflops: float | None  # None when the candidate failed or answered wrongly
+    fraction: float | None  # of SDPA's TFLOP/s at the same length
+    max_diff: float | None
+    compile_s: float  # first call: compile (or cache load) and one run
+    error: str = ""
+
+
+def make_case(length: int) -> PrefillCase:
+    """The inputs bench/gpu_kernels.py builds for prefill_attention_L{length}."""
+    q, k, v = (torch.randn(length, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda") for _ in range(3))
+    tables = random_tables(1, length // BLOCK_SIZE)
+    page_shape = (BLOCK_SIZE, NUM_Q_HEADS, HEAD_DIM)
+    caches = []
+    for dense in (k, v):
+        cache = torch.empty(length // BLOCK_SIZE, *page_shape, dtype=DTYPE, device="cuda")
+        cache[tables[0].long()] = dense.view(-1, *page_shape)
+        caches.append(cache)
+    sdpa_q, sdpa_k, sdpa_v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
+    return PrefillCase(
+        length=length,
+        q=q,
+        k_cache=caches[0],
+        v_cache=caches[1],
+        cu_seqlens=torch.tensor([0, length], dtype=torch.int32, device="cuda"),
+        kv_lens=torch.tensor([length], dtype=torch.int32, device="cuda"),
+        tables=tables,
+        sdpa_inputs=(sdpa_q, sdpa_k, sdpa_v),
+    )
+
+
+def tflops(length: int, seconds: float) -> float:
+    return causal_flops(length) / seconds / 1e12
+
+
+def try_candidate(case: PrefillCase, config: TileConfig, expected: torch.Tensor, sdpa_rate: float) -> Outcome:
+    run = case.ours(config)
+    started = time.perf_counter()
+    try:
+        out = run()
+        torch.cuda.synchronize()
+    except Exception as error:  # compile or launch failure (e.g. out of shared memory): record it, go on
+        lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+        message = f"{type(error).__name__}: {lines[-1].strip()}"[:300]  # the last line says what failed
+        return Outcome(case.length, config, None, None, None, time.perf_counter() - started, message)
+    compile_s = time.perf_counter() - started
+    max_diff = (out.float() - expected).abs().max().item()
+    if not torch.allclose(out.float(), expected, atol=ATOL, rtol=RTOL):
+        return Outcome(case.length, config, None, None, max_diff, compile_s, "wrong answer")
+    rate = tflops(case.length, median_s(run))
+    return Outcome(case.length, config, rate, rate / sdpa_rate, max_diff, compile_s)
+
+
+def label(config: TileConfig) -> str:
+    return f"M{config.block_m} N{config.block_n} w{config.num_warps} s{config.num_stages}"
+
+
+def format_table(length: int, sdpa_rate: float, outcomes: list[Outcome], default: TileConfig) -> str:
+    lines = [
+        f"prefill L={length}: torch SDPA {sdpa_rate:.1f} TFLOP/s",
+        f"{'config':<22} {'TFLOP/s':>8} {'of SDPA':>8} {'max|diff|':>10} {'compile s':>9}  note",
+    ]
+    ranked = sorted(outcomes, key=lambda o: -1.0 if o.tflops is None else o.tflops, reverse=True)
+    for o in ranked:
+        rate = f"{o.tflops:8.1f}" if o.tflops is not None else " " * 8
+        fraction = f"{o.fraction:8.3f}" if o.fraction is not None else " " * 8
+        diff = f"{o.max_diff:10.1e}" if o.max_diff is not None else " " * 10
+        note = o.error or ("default" if o.config == default else "")
+        lines.append(f"{label(o.config):<22} {rate} {fraction} {diff} {o.compile_s:9.1f}  {note}")
+    return "\n".join(lines)
+
+
+def best(outcomes: list[Outcome]) -> TileConfig | None:
+    """The candidate whose worst fraction of SDPA over the lengths is highest; it must pass at all of them."""
+    worst: dict[TileConfig, float] = {}
+    failed = {o.config for o in outcomes if o.fraction is None}
+    for o in outcomes:
+        if o.fraction is not None and o.config not in failed:
+            worst[o.config] = min(worst.get(o.config, o.fraction), o.fraction)
+    return max(worst, key=lambda c: worst[c]) if worst else None
+
+
+def sweep_case(case: PrefillCase, default: TileConfig) -> tuple[float, list[Outcome]]:
+    expected = case.sdpa()[0].transpose(0, 1).float()
+    sdpa_rate = tflops(case.length, median_s(case.sdpa))
+    outcomes = []
+    for config in CANDIDATES:
+        outcomes.append(try_candidate(case, config, expected, sdpa_rate))
+        print(f"  L={case.length} {label(config)}: {outcomes[-1].tflops or outcomes[-1].error}", flush=True)
+    print(format_table(case.length, sdpa_rate, outcomes, default), flush=True)
+    return sdpa_rate, outcomes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("the sweep times CUDA kernels: no CUDA device here")
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    sdpa: dict[int, float] = {}
+    outcomes: list[Outcome] = []
+    for length in PREFILL_LENGTHS:
+        case = make_case(length)
+        default = default_tile_config(case.q)
+        sdpa[length], rows = sweep_case(case, default)
+        outcomes.extend(rows)
+        del case
+        torch.cuda.empty_cache()
+    winner = best(outcomes)
+    doc = {
+        "gpu": device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shape": f"1 sequence, {NUM_Q_HEADS} heads x {HEAD_DIM}, {DTYPE}, KV blocks of {BLOCK_SIZE}, causal",
+        "sdpa_tflops": {str(length): rate for length, rate in sdpa.items()},
+        "default": asdict(default),
+        "best": asdict(winner) if winner else None,
+        "rows": [{**asdict(o), "label": label(o.config)} for o in outcomes],
+        "wall_s": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"best: {label(winner) if winner else 'none passed'}; wrote {args.out} in {doc['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
