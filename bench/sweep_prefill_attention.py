@@ -4,10 +4,11 @@
 
 For each prefill length of bench/gpu_kernels.py, with its shapes (one sequence, 32 heads of 128, bf16, K/V in
 16-token blocks scattered at random), times torch SDPA (causal, contiguous K/V) and then the Triton kernel
-under every TileConfig in CANDIDATES. Each candidate's output is checked once against SDPA's, at the bf16
-tolerance of the kernel tests, before it is timed. A candidate that fails to compile or launch (out of shared
-memory, say) or answers wrongly is recorded as such and the sweep goes on. Prints a table per length and
-writes every row as JSON; "best" is the candidate with the highest worst-case fraction of SDPA.
+under every TileConfig in CANDIDATES (tile shapes and structural variants). Each candidate's output is
+checked once against SDPA's, at the bf16 tolerance of the kernel tests, before it is timed. A candidate that
+fails to compile or launch (out of shared memory, say) or answers wrongly is recorded as such and the sweep
+goes on. Prints a table per length and writes every row as JSON; "best" is the candidate with the highest
+worst-case fraction of SDPA.
 """
 
 from __future__ import annotations
@@ -37,27 +38,30 @@ from bench.gpu_kernels import (
 from bench.results import RESULTS_DIR, device_name
 from kernels.prefill_attention import TileConfig, default_tile_config, prefill_attention_triton
 
-# Shapes the sm_90 build (Triton 3.6) takes without register spills and within 227 KB of shared memory.
-# 128-row tiles need 8 warps (with 4 they spill); 128-key tiles fit 2-3 stages at most.
+# Shapes the sm_90 build (Triton 3.6) takes within 227 KB of shared memory, plain and with the structural
+# variants of TileConfig. Registers / shared memory per program from an sm_90 AOT build: 128x128 s3 255 /
+# 224 KB (lazy 254 / 225 KB, paired 255 + 28 B spilled), 128x64 s3 180 / 128 KB (lazy 194, paired 188),
+# 64x64 w4 s3 208 / 112 KB (two programs per SM; lazy 214), 128x64 s2 with max_registers=128: 128 + 100 B
+# spilled / 96 KB (two programs per SM). First H200 run (L4096 / L16384 of SDPA): paired 128x128 s3
+# 0.72 / 0.79 and 64x64 w4 s3 0.76 / 0.72 (plain 0.70 / 0.79 and 0.72 / 0.72); 128x64 s2 r128 0.70 / 0.76;
+# lazy rescaling lost 0.03-0.17 everywhere (its branch costs more than the multiplies it skips).
+_LAZY, _PAIRED = {"lazy_rescale": True}, {"paired": True}
 CANDIDATES = (
-    TileConfig(128, 64, 8, 2),
-    TileConfig(128, 64, 8, 3),
-    TileConfig(128, 64, 8, 4),
-    TileConfig(128, 64, 8, 5),
-    TileConfig(128, 128, 8, 2),
     TileConfig(128, 128, 8, 3),
-    TileConfig(128, 32, 8, 3),
-    TileConfig(128, 32, 8, 4),
-    TileConfig(128, 32, 8, 5),
+    TileConfig(128, 128, 8, 3, **_LAZY),
+    TileConfig(128, 128, 8, 3, **_PAIRED),
+    TileConfig(128, 128, 8, 2, **_PAIRED),
+    TileConfig(128, 64, 8, 3),
+    TileConfig(128, 64, 8, 3, **_LAZY),
+    TileConfig(128, 64, 8, 3, **_PAIRED),
+    TileConfig(128, 64, 8, 4, **_PAIRED),
+    TileConfig(128, 64, 8, 2, max_registers=128),
+    TileConfig(128, 64, 8, 2, **_PAIRED, max_registers=128),
     TileConfig(64, 64, 4, 3),
-    TileConfig(64, 64, 4, 4),
-    TileConfig(64, 64, 4, 5),
-    TileConfig(64, 64, 8, 3),
-    TileConfig(64, 64, 8, 4),
-    TileConfig(64, 32, 4, 4),
-    TileConfig(64, 32, 4, 5),
-    TileConfig(64, 128, 8, 2),
-    TileConfig(64, 128, 8, 3),
+    TileConfig(64, 64, 4, 3, **_LAZY),
+    TileConfig(64, 64, 4, 3, **_PAIRED),
+    TileConfig(64, 32, 4, 4, **_PAIRED),
+    TileConfig(64, 128, 4, 2, **_PAIRED),
 )
 ATOL = RTOL = 2e-2  # bf16, as tests/kernels/helpers.py holds the kernel to
 DEFAULT_OUT = RESULTS_DIR / "sweep_prefill_attention.json"  # run_gpu.sh names it per GPU
@@ -145,13 +149,16 @@ def try_candidate(case: PrefillCase, config: TileConfig, expected: torch.Tensor,
 
 
 def label(config: TileConfig) -> str:
-    return f"M{config.block_m} N{config.block_n} w{config.num_warps} s{config.num_stages}"
+    flags = [name for name, on in (("lazy", config.lazy_rescale), ("paired", config.paired)) if on]
+    if config.max_registers is not None:
+        flags.append(f"r{config.max_registers}")
+    return " ".join([f"M{config.block_m} N{config.block_n} w{config.num_warps} s{config.num_stages}", *flags])
 
 
 def format_table(length: int, sdpa_rate: float, outcomes: list[Outcome], default: TileConfig) -> str:
     lines = [
         f"prefill L={length}: torch SDPA {sdpa_rate:.1f} TFLOP/s",
-        f"{'config':<22} {'TFLOP/s':>8} {'of SDPA':>8} {'max|diff|':>10} {'compile s':>9}  note",
+        f"{'config':<36} {'TFLOP/s':>8} {'of SDPA':>8} {'max|diff|':>10} {'compile s':>9}  note",
     ]
     ranked = sorted(outcomes, key=lambda o: -1.0 if o.tflops is None else o.tflops, reverse=True)
     for o in ranked:
@@ -159,7 +166,7 @@ def format_table(length: int, sdpa_rate: float, outcomes: list[Outcome], default
         fraction = f"{o.fraction:8.3f}" if o.fraction is not None else " " * 8
         diff = f"{o.max_diff:10.1e}" if o.max_diff is not None else " " * 10
         note = o.error or ("default" if o.config == default else "")
-        lines.append(f"{label(o.config):<22} {rate} {fraction} {diff} {o.compile_s:9.1f}  {note}")
+        lines.append(f"{label(o.config):<36} {rate} {fraction} {diff} {o.compile_s:9.1f}  {note}")
     return "\n".join(lines)
 
 

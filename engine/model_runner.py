@@ -1,18 +1,31 @@
-"""Turns a SchedulerOutput into tensors, runs the model, samples. Owns the model and the KV cache."""
+"""Turns a SchedulerOutput into tensors, runs the model, samples. Owns the model and the KV cache.
+
+A step is serial, so the host time spent preparing it is time the GPU idles. The step's small integer
+inputs (token ids, positions, slots, sequence bounds, KV lengths, sampled rows, block tables) are computed
+with numpy, per sequence rather than per token where the step is a decode, into one host buffer that
+reaches the device in one copy; the tensors the forward reads are views of it. When the step will replay a
+CUDA graph its decode rows are laid out and padded the way the graph reads them (see engine.cuda_graphs).
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, decode_input_fields, packed_offsets, unpack
 from engine.forward_context import AttentionMetadata, KVHook, forward_context
 from engine.kv_cache import PagedKVCache
 from engine.model import LlamaForCausalLM
-from engine.sampler import SamplingBatch, sample
+from engine.sampler import SamplingBatch, argmax_suffices, sample
 from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.sequence import Sequence
+
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
+STAGING_DEPTH = 4  # pinned host buffers in turn: a step reuses one only after its copy has finished
 
 
 @dataclass(frozen=True)
@@ -21,6 +34,8 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # [S] rows of the flat batch whose logits are sampled (last of each chunk)
+    samples_every_row: bool = False  # sample_rows is 0..T-1 (any decode step): the logits need no gather
+    graph_inputs: torch.Tensor | None = None  # the decode rows packed and padded for DecodeGraphs.replay
 
 
 @dataclass(frozen=True)
@@ -29,14 +44,113 @@ class SampledTokens:
     logprobs: list[float] | None
 
 
-def block_tables_tensor(tables: Seq[Seq[int]], device: torch.device) -> torch.Tensor:
-    width = max((len(t) for t in tables), default=0) or 1
-    rows = [list(t) + [0] * (width - len(t)) for t in tables]
-    return torch.tensor(rows, dtype=torch.int32, device=device)
-
-
 def slots_for(table: Seq[int], start: int, num_tokens: int, block_size: int) -> list[int]:
     return [table[p // block_size] * block_size + p % block_size for p in range(start, start + num_tokens)]
+
+
+class HostStaging:
+    """Host buffers that a step's packed inputs are written into, and their way to the device.
+
+    On CUDA: a ring of pinned buffers, so the copy can be asynchronous; a buffer is written again only after
+    the copy that last read it has finished (an event per buffer). On CPU: a fresh buffer per step, which the
+    step then reads in place (no copy at all), so no step's tensors are overwritten by the next."""
+
+    def __init__(self, device: torch.device, depth: int = STAGING_DEPTH) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.buffers: list[tuple[torch.Tensor, np.ndarray] | None] = [None] * depth
+        self.events = [torch.cuda.Event() for _ in range(depth)] if self.pinned else []
+        self.turn = 0
+
+    def take(self, nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
+        """A uint8 host buffer of nbytes, as a tensor and as a numpy array over the same memory."""
+        if not self.pinned:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            return buffer, buffer.numpy()
+        self.turn = (self.turn + 1) % len(self.buffers)
+        self.events[self.turn].synchronize()  # returns at once for an event never recorded
+        held = self.buffers[self.turn]
+        if held is None or held[0].numel() < nbytes:
+            size = max(nbytes, 2 * held[0].numel() if held else 4096)
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            held = self.buffers[self.turn] = (buffer, buffer.numpy())
+        return held[0][:nbytes], held[1][:nbytes]
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """The buffer last taken, on the device: one asynchronous copy on CUDA, the buffer itself on CPU."""
+        if not self.pinned:
+            return host
+        staged = host.to(self.device, non_blocking=True)
+        self.events[self.turn].record()
+        return staged
+
+
+class BlockTableMirror:
+    """The last step's block tables as rows of one numpy array, so that a step converts only the block ids
+    appended since (a decoding sequence gains one per block_size tokens), not every table's Python ints.
+
+    A table is recognised by identity. Handed in again as the same object, it must only have grown at its
+    end, as BlockManager's tables do; any other table is converted in full. Tables absent from a step are
+    forgotten, so the mirror holds references to at most one step's tables."""
+
+    def __init__(self) -> None:
+        self.array = np.zeros((8, 64), dtype=np.int32)  # entries past a row's table length are 0
+        # id(table) -> (row, length, table). Holding the table keeps its id from passing to a new object.
+        self.rows: dict[int, tuple[int, int, Seq[int]]] = {}
+
+    def gather(self, tables: Seq[Seq[int]], out: np.ndarray) -> list[int]:
+        """Write the tables into out [len(tables), width], zero-padded; returns their lengths."""
+        self._reserve(len(tables), out.shape[1])
+        previous, current = self.rows, {}
+        for table in tables:
+            known = previous.pop(id(table), None)
+            if known is None:
+                continue
+            row, length, _ = known
+            if len(table) < length:  # not grown at its end after all: convert it again
+                self.array[row, :length] = 0
+                continue
+            if len(table) > length:
+                self.array[row, length : len(table)] = table[length:]
+            current[id(table)] = (row, len(table), table)
+        for row, length, _ in previous.values():
+            self.array[row, :length] = 0
+        if len(current) < len(tables):
+            taken = {row for row, _, _ in current.values()}
+            free = (row for row in range(self.array.shape[0]) if row not in taken)
+            for table in tables:
+                if id(table) not in current:  # (a table passed twice in one step gets one row)
+                    row = next(free)
+                    self.array[row, : len(table)] = table
+                    current[id(table)] = (row, len(table), table)
+        self.rows = current
+        out[:] = self.array[[current[id(table)][0] for table in tables], : out.shape[1]]
+        return [len(table) for table in tables]
+
+    def _reserve(self, num_rows: int, width: int) -> None:
+        """Rows for num_rows tables, this wide (a row kept from the last step is one of them)."""
+        have_rows, have_width = self.array.shape
+        if num_rows > have_rows or width > have_width:
+            grown = np.zeros((max(num_rows, 2 * have_rows), max(width, 2 * have_width)), dtype=np.int32)
+            grown[:have_rows, :have_width] = self.array
+            self.array = grown
+
+
+@functools.lru_cache(maxsize=64)  # decode steps repeat a few shapes for many steps
+def step_layout(
+    rows: int, kv_rows: int, num_seqs: int, num_sampled: int, width: int
+) -> tuple[tuple[tuple[int, torch.dtype], ...], tuple[int, ...]]:
+    """The (numel, dtype) fields of a step's packed inputs, and their byte offsets (see packed_offsets):
+    input ids, positions, slots (rows each) and KV lengths (kv_rows), in the layout a decode graph reads;
+    then cu_seqlens_q, sample rows and the block tables, flat. Rows past the step's own are padding."""
+    fields = (
+        *decode_input_fields(rows)[:3],
+        (kv_rows, torch.int32),
+        (num_seqs + 1, torch.int32),
+        (num_sampled, torch.int64),
+        (num_seqs * width, torch.int32),
+    )
+    return fields, tuple(packed_offsets(fields))
 
 
 class ModelRunner:
@@ -47,6 +161,8 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         kv_cache.bind(model)
         self.graphs: DecodeGraphs | None = None
+        self.staging = HostStaging(device)
+        self.mirror = BlockTableMirror()
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """CUDA only: capture the decode forward; pure-decode steps that fit replay it from now on."""
@@ -56,44 +172,89 @@ class ModelRunner:
     def prepare(
         self, chunks: Seq[ScheduledChunk], tables: Seq[Seq[int]], kv_hook: KVHook | None = None
     ) -> StepInputs:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu_seqlens = [0]
-        kv_lens: list[int] = []
-        for chunk, table in zip(chunks, tables):
-            span = range(chunk.start, chunk.start + chunk.num_tokens)
-            input_ids.extend(chunk.seq.token_at(p) for p in span)
-            positions.extend(span)
-            slots.extend(slots_for(table, chunk.start, chunk.num_tokens, self.block_size))
-            cu_seqlens.append(cu_seqlens[-1] + chunk.num_tokens)
-            kv_lens.append(chunk.start + chunk.num_tokens)
-        dev = self.device
+        """The step's input tensors. tables[i] is chunks[i]'s block table; a table passed to an earlier
+        step as the same object must only have grown at its end since (see BlockTableMirror)."""
+        num_seqs = len(chunks)
+        is_decode = all(c.num_tokens == 1 for c in chunks)
+        num_tokens = num_seqs if is_decode else sum(c.num_tokens for c in chunks)
+        width = max(map(len, tables), default=0) or 1
+        padded = None
+        if self.graphs is not None and is_decode and kv_hook is None:
+            padded = self.graphs.padded_size(num_seqs, width)
+        sampled = [i for i, c in enumerate(chunks) if c.samples]
+        fields, offsets = step_layout(padded or num_tokens, padded or num_seqs, num_seqs, len(sampled), width)
+        host, host_array = self.staging.take(offsets[-1])
+        self._fill(_numpy_unpack(host_array, fields, offsets), chunks, tables, width, num_tokens, sampled)
+        packed = self.staging.to_device(host)
+        views = unpack(packed, fields, offsets)
+        input_ids, positions, slots, kv_lens, cu_seqlens, sample_rows, block_tables = views
+        if padded:  # the forward outside the graph, and the caller, see the step's rows only
+            input_ids, positions, slots = input_ids[:num_tokens], positions[:num_tokens], slots[:num_tokens]
+            kv_lens = kv_lens[:num_seqs]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=dev),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-            block_tables=block_tables_tensor(tables, dev),
-            is_decode=all(c.num_tokens == 1 for c in chunks),
+            slot_mapping=slots,
+            cu_seqlens_q=cu_seqlens,
+            kv_lens=kv_lens,
+            block_tables=block_tables.view(num_seqs, width),
+            is_decode=is_decode,
             kv_hook=kv_hook,
         )
-        sample_rows = [cu_seqlens[i + 1] - 1 for i, c in enumerate(chunks) if c.samples]
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            input_ids=input_ids,
+            positions=positions,
             meta=meta,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+            sample_rows=sample_rows,
+            samples_every_row=is_decode and len(sampled) == num_seqs,
+            graph_inputs=packed[: offsets[4]] if padded else None,  # ids, positions, slots, kv_lens
         )
+
+    def _fill(
+        self,
+        arrays: list[np.ndarray],
+        chunks: Seq[ScheduledChunk],
+        tables: Seq[Seq[int]],
+        width: int,
+        num_tokens: int,
+        sampled: list[int],
+    ) -> None:
+        """Compute the step's inputs into the packed host arrays (numpy views of the staging buffer)."""
+        input_ids, positions, slots, kv_lens, cu_seqlens, sample_rows, block_tables = arrays
+        n, t, block_size = len(chunks), num_tokens, self.block_size
+        if len(input_ids) > t:
+            # Padding rows up to a graph's size: a valid token and position, no KV written, nothing attended.
+            input_ids[t:], positions[t:], slots[t:], kv_lens[n:] = 0, 0, -1, 0
+            input_ids, positions, slots, kv_lens = input_ids[:t], positions[:t], slots[:t], kv_lens[:n]
+        starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
+        if t == n:  # one token per sequence (a decode step): row i is sequence i at its start
+            input_ids[:] = [c.seq.token_at(c.start) for c in chunks]
+            positions[:] = starts
+            np.add(starts, 1, out=kv_lens)
+            cu_seqlens[:] = np.arange(n + 1)
+            sample_rows[:] = sampled
+            token_seq = cu_seqlens[:n]  # 0..n-1
+        else:
+            counts = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=n)
+            input_ids[:] = [token for c in chunks for token in _chunk_tokens(c)]
+            np.add(starts, counts, out=kv_lens)
+            cu_seqlens[0] = 0
+            np.cumsum(counts, out=cu_seqlens[1:])
+            sample_rows[:] = cu_seqlens[1:][sampled] - 1
+            token_seq = np.repeat(np.arange(n), counts)
+            positions[:] = np.arange(t) + np.repeat(starts - cu_seqlens[:-1], counts)
+        table_array = block_tables.reshape(n, width)
+        lengths = self.mirror.gather(tables, table_array)
+        assert (kv_lens <= np.array(lengths) * block_size).all(), "a block table is short of its tokens"
+        slots[:] = table_array[token_seq, positions // block_size] * block_size + positions % block_size
 
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [S, V] (fp32) at the sampled rows."""
-        if self.graphs is not None and self.graphs.can_replay(inputs.meta):
-            hidden = self.graphs.replay(inputs.input_ids, inputs.positions, inputs.meta)
+        if self.graphs is not None and inputs.graph_inputs is not None:
+            hidden = self.graphs.replay(inputs.graph_inputs, inputs.meta.block_tables)
         else:
             with forward_context(inputs.meta):
                 hidden = self.model(inputs.input_ids, inputs.positions)
-        return self.model.compute_logits(hidden[inputs.sample_rows])
+        return self.model.compute_logits(hidden if inputs.samples_every_row else hidden[inputs.sample_rows])
 
     @torch.inference_mode()
     def execute(
@@ -101,15 +262,38 @@ class ModelRunner:
     ) -> SampledTokens:
         inputs = self.prepare(out.chunks, tables, kv_hook)
         logits = self.forward_logits(inputs)
-        sampling = [c.seq for c in out.chunks if c.samples]
-        if not sampling:
+        return self.sample(logits, [c.seq for c in out.chunks if c.samples])
+
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SampledTokens:
+        """One token for each sequence from its row of logits [S, V]; the step's one device-to-host sync."""
+        if not seqs:
             return SampledTokens([], None)
+        params = [s.sampling for s in seqs]
+        if argmax_suffices(params):  # what sample() would compute, without building its batch
+            return SampledTokens(logits.float().argmax(dim=-1).tolist(), None)
         batch = SamplingBatch.build(
-            [s.sampling for s in sampling],
-            seeds=[s.seed for s in sampling],
-            steps=[len(s.output_token_ids) for s in sampling],
+            params,
+            seeds=[s.seed for s in seqs],
+            steps=[len(s.output_token_ids) for s in seqs],
             device=self.device,
         )
         result = sample(logits, batch)
         logprobs = result.logprobs.tolist() if result.logprobs is not None else None
         return SampledTokens(result.token_ids.tolist(), logprobs)
+
+
+def _numpy_unpack(
+    buffer: np.ndarray, fields: Seq[tuple[int, torch.dtype]], offsets: Seq[int]
+) -> list[np.ndarray]:
+    """unpack() for the host's numpy view of the same buffer."""
+    typed = {dtype: buffer.view(_NUMPY_DTYPES[dtype]) for dtype in _NUMPY_DTYPES}
+    return [
+        typed[dtype][start // dtype.itemsize : start // dtype.itemsize + numel]
+        for start, (numel, dtype) in zip(offsets, fields)
+    ]
+
+
+def _chunk_tokens(chunk: ScheduledChunk) -> list[int]:
+    start, end, seq = chunk.start, chunk.start + chunk.num_tokens, chunk.seq
+    prompt = seq.prompt_token_ids
+    return prompt[start:end] if end <= len(prompt) else seq.all_token_ids[start:end]

@@ -37,6 +37,12 @@ _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 
 
+def argmax_suffices(params: Sequence[SamplingParams]) -> bool:
+    """Every row is greedy and none asks for logprobs: sample() would return logits.argmax(-1) and nothing
+    else, so a step need not build a SamplingBatch (and copy it to the device) at all."""
+    return all(p.temperature < GREEDY_TEMPERATURE and not p.logprobs for p in params)
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
     """Per-row sampling parameters of one step, as tensors on the logits' device."""

@@ -14,7 +14,7 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: compared by identity, never by its token lists (O(B^2) per step)
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]

@@ -19,19 +19,32 @@ from kernels.dispatch import use_triton
 LOG2_E = 1.4426950408889634  # 1/ln 2: the kernels use exp2, so log2(e) is folded into the softmax scale
 
 
+# Lazy rescaling keeps a row's running max until the tile max exceeds it by more than this (log2 units), so
+# p stays below 2^8: no overflow in fp32 sums nor in the half-precision p fed to the PV dot (FA4 uses 8 too).
+RESCALE_THRESHOLD = tl.constexpr(8.0)
+
+
 @dataclass(frozen=True)
 class TileConfig:
-    """One launch shape: query rows x keys per tile, warps per program, software-pipeline depth."""
+    """One launch shape: query rows x keys per tile, warps per program, software-pipeline depth, and the
+    structural variants bench/sweep_prefill_attention.py compares (all off: the kernel as first tuned)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    # Rescale acc and l only in tiles where some row's max grows by more than RESCALE_THRESHOLD (FA4).
+    lazy_rescale: bool = False
+    # Each program takes a heavy query tile and its light mirror (tiles n-1-p and p): equal work per program.
+    paired: bool = False
+    # ptxas register cap per thread (.maxnreg); 128 lets two 8-warp programs share an SM. None: no cap.
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         assert _is_power_of_two(self.block_m) and self.block_m >= 16, "tl.dot needs M >= 16, a power of 2"
         assert _is_power_of_two(self.block_n) and self.block_n >= 16, "tl.dot needs N >= 16, a power of 2"
         assert _is_power_of_two(self.num_warps) and self.num_stages >= 1
+        assert self.max_registers is None or 24 <= self.max_registers <= 255, "ptxas takes 24..255"
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -82,6 +95,51 @@ def _tile_rows(
 
 
 @triton.jit
+def _softmax_step(
+    acc,
+    m_i,
+    l_i,
+    qk,
+    v,
+    n0,
+    positions,
+    qk_scale,
+    MASKED: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key tile's online-softmax update (base 2) from its raw scores qk; MASKED applies the causal/length
+    mask. The scores stay unscaled until the max: qk_scale then rides in the FMA that subtracts it, so it
+    costs no instruction of its own and q is not rounded again in half precision."""
+    if MASKED:
+        # A real row's position is below kv_len, so this also hides the keys past it.
+        visible = n0 + tl.arange(0, BLOCK_N)[None, :] <= positions[:, None]
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # qk_scale > 0: the max commutes
+    if LAZY_RESCALE:
+        # One uniform branch per tile: after the first tiles the max rarely grows by 2^8, and then
+        # acc * alpha (BLOCK_M x HEAD_DIM multiplies) and the alpha exp2s are skipped.
+        if tl.max(m_new - m_i, axis=0) > RESCALE_THRESHOLD:
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        m_new = m_i
+    p = tl.exp2(qk - m_new[:, None]) if MASKED else tl.exp2(qk * qk_scale - m_new[:, None])
+    if LAZY_RESCALE:
+        l_i = l_i + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend_tiles(
     acc,
     m_i,
@@ -100,16 +158,13 @@ def _attend_tiles(
     start,
     end,
     MASKED: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax accumulation (base 2) over keys [start, end); MASKED applies the causal/length mask.
-
-    start is a multiple of BLOCK_N. The scores stay unscaled until the max: qk_scale then rides in the FMA
-    that subtracts it, so it costs no instruction of its own and q is not rounded again in half precision.
-    """
+    """Online-softmax accumulation over keys [start, end), start a multiple of BLOCK_N."""
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # The page-table entries of each tile are read one iteration ahead, into registers. Read in the same
@@ -135,20 +190,84 @@ def _attend_tiles(
             k = tl.load(k_cache_ptr + kv_offsets)
             v = tl.load(v_cache_ptr + kv_offsets)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASKED:
-            # A real row's position is below kv_len, so this also hides the keys past it.
-            visible = n0 + offs_j[None, :] <= positions[:, None]
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.exp2(qk - m_new[:, None])
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # qk_scale > 0: the max commutes
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(
+            acc, m_i, l_i, qk, v, n0, positions, qk_scale, MASKED, LAZY_RESCALE, BLOCK_N, DOT_PRECISION
+        )
     return acc, m_i, l_i
+
+
+@triton.jit
+def _query_tile(
+    tile,
+    head,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    cu_seqlens_q_ptr,
+    kv_lens_ptr,
+    block_tables_ptr,
+    stride_q_token,
+    stride_q_head,
+    stride_out_token,
+    stride_out_head,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    stride_table_seq,
+    num_seqs,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
+):
+    """Attention of one query tile (BLOCK_M rows of one sequence) of one head; nothing for a spare tile."""
+    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_M)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    m0 = (tile - (q_start // BLOCK_M + seq)) * BLOCK_M
+    if m0 < q_len:  # else a spare tile past this sequence's last
+        kv_len = tl.load(kv_lens_ptr + seq)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m[:, None] < q_len
+        q_offsets = (q_start + offs_m).to(tl.int64)[:, None] * stride_q_token + head * stride_q_head
+        q = tl.load(q_ptr + q_offsets + offs_d[None, :], mask=row_ok, other=0.0)
+
+        # The in-page part of each key row's cache offset is the same for every key tile: computed once.
+        offs_j = tl.arange(0, BLOCK_N)
+        head_offset = (head // GROUP) * stride_cache_head
+        rows_in_tile = (offs_j % BLOCK_SIZE) * stride_cache_slot + head_offset
+        page_in_tile = offs_j // BLOCK_SIZE
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        table_ptr = block_tables_ptr + seq * stride_table_seq
+        prefix = kv_len - q_len
+        positions = prefix + offs_m
+        # Key tiles wholly at or before the tile's first query position are visible to all its rows: no
+        # mask. The rest, up to its last query position (at least one tile), are masked; tiles past that are
+        # skipped. Two loops, not one with a per-tile branch: Triton 3.6's pipeliner fails on that (sm_90).
+        unmasked_end = (prefix + m0 + 1) // BLOCK_N * BLOCK_N
+        causal_end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, rows_in_tile, page_in_tile,
+            stride_cache_block, stride_cache_slot, kv_len, positions, qk_scale, 0, unmasked_end,
+            False, LAZY_RESCALE, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, rows_in_tile, page_in_tile,
+            stride_cache_block, stride_cache_slot, kv_len, positions, qk_scale, unmasked_end,
+            causal_end, True, LAZY_RESCALE, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
+        out = acc * (1.0 / l_i)[:, None]  # one reciprocal per row, not one division per element
+        out_offsets = (q_start + offs_m).to(tl.int64)[:, None] * stride_out_token + head * stride_out_head
+        tl.store(out_ptr + out_offsets + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -176,67 +295,43 @@ def _prefill_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
+    PAIRED: tl.constexpr,
 ):
     # Heaviest tiles first: a later query tile sees more keys, so the grid runs from the last tile back and
     # the last programs to start are the short ones. Tiles are the fastest grid axis, so the programs that
-    # run together share one head's K/V in the L2.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    # run together share one head's K/V in the L2. PAIRED: program p takes tile n-1-p, then tile p.
+    pid = tl.program_id(0)
     head = tl.program_id(1)
-    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_M)
-    q_start = tl.load(cu_seqlens_q_ptr + seq)
-    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    m0 = (tile - (q_start // BLOCK_M + seq)) * BLOCK_M
-    if m0 >= q_len:  # spare program past this sequence's last tile
-        return
-    kv_len = tl.load(kv_lens_ptr + seq)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m[:, None] < q_len
-    q_offsets = (q_start + offs_m).to(tl.int64)[:, None] * stride_q_token + head * stride_q_head
-    q = tl.load(q_ptr + q_offsets + offs_d[None, :], mask=row_ok, other=0.0)
-
-    # The in-page part of each key row's cache offset is the same for every key tile: computed once.
-    offs_j = tl.arange(0, BLOCK_N)
-    head_offset = (head // GROUP) * stride_cache_head
-    rows_in_tile = (offs_j % BLOCK_SIZE) * stride_cache_slot + head_offset
-    page_in_tile = offs_j // BLOCK_SIZE
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    table_ptr = block_tables_ptr + seq * stride_table_seq
-    prefix = kv_len - q_len
-    positions = prefix + offs_m
-    # Key tiles wholly at or before the tile's first query position are visible to all its rows: no mask.
-    # The rest, up to its last query position, are masked; tiles past that are skipped. Two loops, not one
-    # with a per-tile branch: Triton 3.6's software pipeliner fails on that one (sm_90).
-    unmasked_end = (prefix + m0 + 1) // BLOCK_N * BLOCK_N
-    causal_end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, rows_in_tile, page_in_tile,
-        stride_cache_block, stride_cache_slot, kv_len, positions, qk_scale, 0, unmasked_end,
-        False, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
+    num_tiles = tl.load(cu_seqlens_q_ptr + num_seqs) // BLOCK_M + num_seqs if PAIRED else tl.num_programs(0)
+    last = num_tiles - 1 - pid
+    _query_tile(
+        last, head, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, kv_lens_ptr, block_tables_ptr,
+        stride_q_token, stride_q_head, stride_out_token, stride_out_head, stride_cache_block,
+        stride_cache_slot, stride_cache_head, stride_table_seq, num_seqs, qk_scale, GROUP, HEAD_DIM,
+        BLOCK_SIZE, BLOCK_M, BLOCK_N, DOT_PRECISION, LAZY_RESCALE,
     )  # fmt: skip
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, rows_in_tile, page_in_tile,
-        stride_cache_block, stride_cache_slot, kv_len, positions, qk_scale, unmasked_end, causal_end,
-        True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
-    )  # fmt: skip
-    out = acc * (1.0 / l_i)[:, None]  # one reciprocal per row, not one division per element
-    out_offsets = (q_start + offs_m).to(tl.int64)[:, None] * stride_out_token + head * stride_out_head
-    tl.store(out_ptr + out_offsets + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok)
+    if PAIRED:  # noqa: SIM102 (a constexpr: `and` would put a runtime test in the default build)
+        if pid < last:
+            _query_tile(
+                pid, head, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, kv_lens_ptr,
+                block_tables_ptr, stride_q_token, stride_q_head, stride_out_token, stride_out_head,
+                stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq, num_seqs,
+                qk_scale, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, DOT_PRECISION, LAZY_RESCALE,
+            )  # fmt: skip
 
 
 def default_tile_config(q: torch.Tensor) -> TileConfig:
     """The launch shape prefill_attention_triton takes when given none; bench/sweep_prefill_attention.py
     measures the alternatives. On an H200 with Triton 3.6 (bf16, head dim 128, 16-token pages) 128 x 128
-    tiles, 8 warps and 3 stages were the fastest of 18 at 4096 and 16384 tokens (0.71 and 0.79 of SDPA;
-    128 x 64: 0.67 and 0.77): 255 registers, no spills."""
+    tiles, 8 warps and 3 stages were the fastest of 18 at 4096 and 16384 tokens (0.70 and 0.79 of SDPA;
+    128 x 64: 0.67 and 0.77); pairing each heavy causal tile with its light mirror in one program added
+    0.02 at 4096 (0.72): 255 registers, 28 bytes spilled. Lazy rescaling lost everywhere."""
     if not q.is_cuda:
         return TileConfig(16, 16, 4, 1)  # interpreter: the smallest tl.dot tiles keep test shapes small
     if q.shape[2] <= 64:
         return TileConfig(128, 64, 4, 3)
-    return TileConfig(128, 128, 8, 3)
+    return TileConfig(128, 128, 8, 3, paired=True)
 
 
 def prefill_attention_triton(
@@ -265,7 +360,8 @@ def prefill_attention_triton(
     if num_tokens == 0:
         return out
     config = config or default_tile_config(q)
-    _prefill_attention_kernel[(num_tokens // config.block_m + num_seqs, num_q_heads)](
+    num_tiles = num_tokens // config.block_m + num_seqs
+    _prefill_attention_kernel[(-(-num_tiles // 2) if config.paired else num_tiles, num_q_heads)](
         q,
         k_cache,
         v_cache,
@@ -289,8 +385,11 @@ def prefill_attention_triton(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact, not tf32
+        LAZY_RESCALE=config.lazy_rescale,
+        PAIRED=config.paired,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **({} if config.max_registers is None else {"maxnreg": config.max_registers}),
     )
     return out
 

@@ -1,23 +1,27 @@
 """CUDA-graph decode: a replayed step equals the eager forward (logits and KV writes, padding included),
 batches past the largest graph run eagerly, and the engine's greedy tokens do not depend on graphs.
+The host side that feeds them: ModelRunner.prepare's packed inputs equal a per-token reference (on CPU and
+CUDA), a decode step is padded the way a graph reads it, and all-greedy sampling skips the sampling batch.
 
 The GPU tests use SmolLM2-shaped random weights (the GPU host has no checkpoint)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
-from engine.config import preset
-from engine.cuda_graphs import MAX_GRAPH_BATCH, graph_batch_sizes
+from engine.config import ModelConfig, preset
+from engine.cuda_graphs import MAX_GRAPH_BATCH, decode_input_fields, graph_batch_sizes, unpack
 from engine.forward_context import forward_context
 from engine.kv_cache import PagedKVCache
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.messages import SamplingParams
 from engine.model import LlamaForCausalLM, build_model, init_random_weights
 from engine.model_runner import ModelRunner, StepInputs
+from engine.sampler import SamplingBatch, sample
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
 from tests.factories import make_engine, make_prompts
@@ -46,6 +50,170 @@ def test_cpu_engine_ignores_cuda_graphs(tiny_llama_dir: str) -> None:
         make_prompts([5], engine.model_config.vocab_size), SamplingParams(max_tokens=3, ignore_eos=True)
     )
     assert len(seq.output_token_ids) == 3
+
+
+# ---- host-side step inputs ----
+
+TINY = ModelConfig(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+)
+HOST_BLOCK = 4
+
+
+def tiny_runner(device: torch.device) -> ModelRunner:
+    model = build_model(TINY, torch.float32, device)
+    init_random_weights(model)
+    return ModelRunner(model, PagedKVCache(TINY, 64, HOST_BLOCK, torch.float32, device), device)
+
+
+def reference_inputs(chunks: list[ScheduledChunk], tables: list[list[int]]) -> dict[str, list]:
+    """What prepare must produce, token by token in plain Python (its behaviour before packing)."""
+    ref: dict[str, list] = dict(ids=[], pos=[], slots=[], cu=[0], kv=[], rows=[])
+    for chunk, table in zip(chunks, tables):
+        for p in range(chunk.start, chunk.start + chunk.num_tokens):
+            ref["ids"].append(chunk.seq.all_token_ids[p])
+            ref["pos"].append(p)
+            ref["slots"].append(table[p // HOST_BLOCK] * HOST_BLOCK + p % HOST_BLOCK)
+        ref["cu"].append(ref["cu"][-1] + chunk.num_tokens)
+        ref["kv"].append(chunk.start + chunk.num_tokens)
+        if chunk.samples:
+            ref["rows"].append(ref["cu"][-1] - 1)
+    width = max((len(t) for t in tables), default=0) or 1
+    ref["tables"] = [t + [0] * (width - len(t)) for t in tables]
+    return ref
+
+
+def observed_inputs(inputs: StepInputs) -> dict[str, list]:
+    m = inputs.meta
+    got = dict(ids=inputs.input_ids, pos=inputs.positions, slots=m.slot_mapping, cu=m.cu_seqlens_q)
+    got.update(kv=m.kv_lens, rows=inputs.sample_rows, tables=m.block_tables)
+    dtypes = dict(ids=torch.int64, pos=torch.int64, slots=torch.int64, rows=torch.int64)
+    assert all(t.dtype == dtypes.get(k, torch.int32) for k, t in got.items())
+    return {k: t.tolist() for k, t in got.items()}
+
+
+def random_steps(
+    rng: random.Random, num_steps: int
+) -> Iterator[tuple[list[ScheduledChunk], list[list[int]]]]:
+    """Steps over a pool of sequences: decodes and prefill chunks, ragged tables that grow in place (as
+    BlockManager's do), tables replaced by new lists, sequences leaving and coming back, empty steps."""
+    seqs: dict[int, Sequence] = {}
+    tables: dict[int, list[int]] = {}
+    for _ in range(num_steps):
+        decode = rng.random() < 0.5
+        chunks, step_tables = [], []
+        for key in rng.sample(range(12), rng.randint(0, 9)):
+            if key not in seqs:
+                prompt = [rng.randrange(TINY.vocab_size) for _ in range(rng.randint(1, 40))]
+                seqs[key] = Sequence(f"s{key}", prompt, SamplingParams(), seed=0)
+                tables[key] = []
+            seq = seqs[key]
+            if rng.random() < 0.3:
+                seq.output_token_ids.append(rng.randrange(TINY.vocab_size))
+            start = seq.num_tokens - 1 if decode else rng.randrange(seq.num_tokens)
+            num_tokens = 1 if decode else rng.randint(1, seq.num_tokens - start)
+            if rng.random() < 0.1:  # freed and allocated again: a new list
+                tables[key] = []
+            table = tables[key]
+            while len(table) * HOST_BLOCK < start + num_tokens or rng.random() < 0.2:
+                table.append(rng.randrange(64))
+            chunks.append(ScheduledChunk(seq, start, num_tokens))
+            step_tables.append(table)
+        yield chunks, step_tables
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_prepare_matches_a_per_token_reference(device: str) -> None:
+    runner = tiny_runner(torch.device(device))
+    expected, prepared = [], []
+    for chunks, tables in random_steps(random.Random(0), 200):
+        expected.append(reference_inputs(chunks, tables))  # now: the next step grows the tables
+        inputs = runner.prepare(chunks, tables)
+        prepared.append(inputs)
+        assert inputs.meta.is_decode == all(c.num_tokens == 1 for c in chunks)
+        assert inputs.graph_inputs is None  # no graphs captured
+    # Checked after every step is prepared: no step's inputs were overwritten by a later one's.
+    for want, inputs in zip(expected, prepared):
+        assert observed_inputs(inputs) == want
+
+
+class Buckets:
+    """The one question prepare asks of DecodeGraphs, answered as graphs captured up to 16 rows would."""
+
+    sizes = graph_batch_sizes(16)
+
+    def padded_size(self, num_rows: int, table_width: int) -> int | None:
+        return next((b for b in self.sizes if b >= num_rows), None) if table_width <= 8 else None
+
+
+def test_a_decode_step_is_packed_padded_for_its_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = tiny_runner(torch.device("cpu"))
+    monkeypatch.setattr(runner, "graphs", Buckets())
+    rng = random.Random(1)
+    for batch in [1, 3, 5, 9, 16]:
+        seqs = [
+            Sequence(f"s{i}", [rng.randrange(100) for _ in range(rng.randint(1, 20))], SamplingParams(), 0)
+            for i in range(batch)
+        ]
+        chunks = [ScheduledChunk(s, s.num_tokens - 1, 1) for s in seqs]
+        tables = [[rng.randrange(64) for _ in range(-(-s.num_tokens // HOST_BLOCK))] for s in seqs]
+        inputs = runner.prepare(chunks, tables)
+        assert observed_inputs(inputs) == reference_inputs(chunks, tables)
+        assert inputs.samples_every_row
+        size = Buckets().padded_size(batch, 8)
+        assert size is not None and inputs.graph_inputs is not None
+        packed = unpack(inputs.graph_inputs, decode_input_fields(size))
+        own = [inputs.input_ids, inputs.positions, inputs.meta.slot_mapping, inputs.meta.kv_lens]
+        # Padding rows: a valid token and position, no KV written (slot -1), nothing attended (kv_len 0).
+        for field, step_rows, pad in zip(packed, own, [0, 0, -1, 0]):
+            assert field.tolist() == step_rows.tolist() + [pad] * (size - batch)
+    seq = Sequence("long", list(range(40)), SamplingParams(), 0)  # 10 blocks: wider than any graph
+    assert runner.prepare([ScheduledChunk(seq, 39, 1)], [list(range(10))]).graph_inputs is None
+    assert runner.prepare([ScheduledChunk(seq, 30, 10)], [list(range(10))]).graph_inputs is None  # prefill
+
+
+def sampling_seqs(params: list[SamplingParams]) -> list[Sequence]:
+    seqs = [Sequence(f"r{i}", [1, 2, 3], p, seed=1000 + i) for i, p in enumerate(params)]
+    for i, seq in enumerate(seqs):
+        seq.output_token_ids.extend(range(i))
+    return seqs
+
+
+@pytest.mark.parametrize(
+    "params, builds",
+    [
+        ([SamplingParams(temperature=0.0)] * 5, False),
+        ([SamplingParams(temperature=0.0), SamplingParams(temperature=1e-6)], False),  # below the greedy cut
+        ([SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=True)], True),
+        ([SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=20)], True),
+    ],
+)
+def test_runner_sampling_equals_the_sampler_and_skips_the_batch_when_all_greedy(
+    params: list[SamplingParams], builds: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = tiny_runner(torch.device("cpu"))
+    seqs = sampling_seqs(params)
+    logits = torch.randn(len(seqs), TINY.vocab_size, generator=torch.Generator().manual_seed(3)) * 3
+    steps = [len(s.output_token_ids) for s in seqs]
+    want = sample(logits, SamplingBatch.build(params, [s.seed for s in seqs], steps, torch.device("cpu")))
+    built: list[int] = []
+    build = SamplingBatch.build
+
+    def counted_build(*args: object, **kwargs: object) -> SamplingBatch:
+        built.append(1)
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SamplingBatch, "build", counted_build)
+    got = runner.sample(logits, seqs)
+    assert bool(built) == builds
+    assert got.token_ids == want.token_ids.tolist()
+    assert got.logprobs == (want.logprobs.tolist() if want.logprobs is not None else None)
 
 
 # ---- GPU ----
@@ -132,6 +300,20 @@ def test_graph_replay_equals_eager(
     new_kv, new_kv_eager = flat[1][:, :, written].float(), flat[2][:, :, written].float()
     assert (new_kv - new_kv_eager).abs().max().item() <= 0.05 * new_kv_eager.abs().max().item()
     assert not torch.equal(new_kv, flat[0][:, :, written].float())
+
+
+@pytest.mark.gpu
+def test_a_smaller_batch_in_a_bucket_just_replayed_larger_writes_only_its_own_slots(
+    graph_runner: ModelRunner,
+) -> None:
+    runner = graph_runner
+    runner.forward_logits(decode_inputs(runner, [50] * 7, seed=5))  # bucket 8, rows 0-6 filled
+    inputs = decode_inputs(runner, [60] * 5, seed=6)  # bucket 8 again: rows 5-7 are padding now
+    storage = runner.kv_cache.storage
+    before = storage.clone()
+    runner.forward_logits(inputs)
+    changed = (storage != before).flatten(2, 3).any(-1).any(-1).any(0).any(0)  # per slot
+    assert changed.nonzero().flatten().tolist() == sorted(inputs.meta.slot_mapping.tolist())
 
 
 @pytest.mark.gpu

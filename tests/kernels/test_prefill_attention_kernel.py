@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.prefill_attention import TileConfig, prefill_attention_reference, prefill_attention_triton
-from tests.kernels.helpers import PagedKV, Target, make_paged_kv, naive_attention
+from tests.kernels.helpers import PagedKV, Target, make_paged_kv, naive_attention, paged_from_dense
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 CPU_FP32 = Target("cpu", torch.float32, atol=1e-5, rtol=1e-5)
@@ -102,6 +102,36 @@ def test_kernel_head_dims(target: Target, head_dim: int, block_size: int) -> Non
 )
 def test_kernel_tile_configs(target: Target, config: TileConfig, block_size: int) -> None:
     check_kernel(*BATCHES["chunks-after-prefix"], 6, 2, 32, block_size, target, config)
+
+
+# The structural variants the sweep compares, alone and together, over the batch with cached prefixes and
+# an empty chunk: 16-key tiles give several unmasked and masked tiles per query tile, blocks of 8 put two
+# pages in a key tile. Paired programs run over an odd tile
+# count (the middle tile alone) and spare tiles; lazy rescaling meets rows whose max grows in later tiles.
+VARIANTS = [
+    TileConfig(16, 16, 4, 1, lazy_rescale=True),
+    TileConfig(16, 16, 4, 1, paired=True),
+    TileConfig(32, 16, 4, 2, lazy_rescale=True, paired=True, max_registers=128),
+]
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=str)
+def test_kernel_variants(target: Target, config: TileConfig) -> None:
+    check_kernel(*BATCHES["chunks-after-prefix"], 6, 2, 32, 8, target, config)
+
+
+def test_lazy_rescale_with_growing_scores() -> None:
+    # Scores that grow by 3 per key (over 60 in log2 units per 16-key tile) make every tile rescale, and a
+    # tile's first keys weigh next to nothing: the exact answer needs every rescale taken.
+    keys = torch.randn(90, 1, 16)
+    keys[:, :, 0] += 3.0 * torch.arange(90)[:, None]
+    paged = paged_from_dense([keys], [torch.randn(90, 1, 16)], 8, CPU_FP32)
+    q = torch.randn(40, 2, 16)
+    q[:, :, 0] = 1.0
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    args = (q, paged.k_cache, paged.v_cache, cu, paged.kv_lens, paged.block_tables, 1.0)
+    out = prefill_attention_triton(*args, TileConfig(16, 16, 4, 1, lazy_rescale=True))
+    torch.testing.assert_close(out, prefill_attention_reference(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_kernel_rejects_block_size_not_a_power_of_two() -> None:
