@@ -17,6 +17,7 @@ from engine.block_manager import BlockManager
 from engine.config import ModelConfig
 from engine.forward_context import KVHook
 from engine.kv_cache import PagedKVCache, kv_budget_bytes
+from engine.linear import use_cpu_weight_layout
 from engine.loader import ModelSource, iter_weights, load_model_config, resolve_model
 from engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
 from engine.model import LlamaForCausalLM, build_model, init_random_weights
@@ -86,6 +87,7 @@ def load_model(config: EngineConfig) -> tuple[LlamaForCausalLM, ModelSource | No
         init_random_weights(model, config.seed)
     else:
         model.load_weights(iter_weights(source, dtype, progress=config.load_progress))
+    use_cpu_weight_layout(model)
     return model.eval(), source
 
 

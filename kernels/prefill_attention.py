@@ -270,7 +270,9 @@ def _query_tile(
         tl.store(out_ptr + out_offsets + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-@triton.jit
+# num_seqs changes from step to step: specialising on it (Triton does for 1 and multiples of 16) would
+# compile a new variant mid-serving the first time a step batches 2 prompts, stalling every queued request.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_attention_kernel(
     q_ptr,
     k_cache_ptr,
