@@ -38,6 +38,8 @@ class Trace:
     last: float | None = None
     tokens: int = 0
     exposed_s: float | None = None  # KV landed on decode minus first token sampled on prefill
+    sampled: float | None = None  # when the prefill worker sampled the first token
+    queue_s: float | None = None  # waiting in the prefill worker's queue before its first step
 
 
 async def run_one(backend: DisaggregatedBackend, prompt: list[int], output: int) -> Trace:
@@ -52,7 +54,8 @@ async def run_one(backend: DisaggregatedBackend, prompt: list[int], output: int)
         now = time.time()
         if trace.first is None:
             trace.first = now
-            first_token_time = delta.first_token_time
+            first_token_time = trace.sampled = delta.first_token_time
+            trace.queue_s = delta.queue_s
         if delta.kv_landed_time is not None and first_token_time is not None:
             trace.exposed_s = max(0.0, delta.kv_landed_time - first_token_time)
         trace.tokens += len(delta.token_ids)
@@ -107,6 +110,14 @@ async def bench(args: argparse.Namespace, controller: Controller) -> list[Row]:
         rows.append(Row(f"poisson_ttft_p{int(q * 100)}", pct(ttfts, q) * 1e3, "ms"))
         rows.append(Row(f"poisson_tpot_p{int(q * 100)}", pct(tpots, q) * 1e3, "ms"))
     rows.append(Row("poisson_output_throughput", sum(t.tokens for t in traces) / wall, "tok/s"))
+    # Where TTFT goes: waiting for a prefill step, then to the first token sampled, then to the client.
+    parts = {
+        "queue": [t.queue_s or 0.0 for t in traces],
+        "to_sampled": [(t.sampled or t.submitted) - t.submitted for t in traces],
+        "sampled_to_client": [(t.first or 0) - (t.sampled or t.first or 0) for t in traces],
+    }
+    for part, values in parts.items():
+        rows.append(Row(f"poisson_ttft_{part}_p50", pct(values, 0.5) * 1e3, "ms"))
     return rows
 
 
@@ -168,6 +179,7 @@ def main() -> None:
             "prompt_range": args.prompt,
             "output_tokens": args.output,
             "layers_per_message": args.layers_per_message,
+            "nccl_lanes": config.kv_transport.lanes,
             "ceiling_meaning": "ms rows: roofline time at batch 1 (fraction = roofline / measured)",
         },
     )

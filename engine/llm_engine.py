@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import sampler
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig
 from engine.forward_context import KVHook
@@ -115,6 +116,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         if config.cuda_graphs and self.device.type == "cuda":
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+        sampler.warm_up(self.model_config.vocab_size, self.device)
         self.sequences: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
 

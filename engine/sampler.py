@@ -151,6 +151,18 @@ def _exponential_race(masked: Tensor, seeds: Tensor, steps: Tensor, counter: Ten
     return (masked - log_q).argmax(dim=-1)
 
 
+def warm_up(vocab_size: int, device: torch.device) -> None:
+    """Compile the CUDA sampling race now, for one row and for several: dynamic shapes still specialise a
+    batch of one, so the first step that samples two rows would otherwise compile mid-serving and stall
+    its worker (and every request queued behind it) for seconds. A no-op on CPU."""
+    if device.type != "cuda":
+        return
+    for rows in (1, 2):
+        params = [SamplingParams(temperature=1.0) for _ in range(rows)]
+        batch = SamplingBatch.build(params, [0] * rows, [0] * rows, device)
+        sample(torch.zeros(rows, vocab_size, device=device), batch)
+
+
 @functools.cache
 def _compiled_race() -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """On CUDA one fused reduction replaces ~30 launches and ~20 passes over a [B, V] int64 tensor. Built on
