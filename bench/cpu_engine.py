@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import PreTrainedModel
 
 from bench.results import Row, write_result
 from engine.llm_engine import EngineConfig, LLMEngine
@@ -44,15 +45,19 @@ def best_interleaved(runs: int, fns: dict[str, Run]) -> dict[str, float]:
 
 def ours(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> Run:
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    return lambda: engine.generate(prompts, params) and None
+
+    def run() -> None:
+        engine.generate(prompts, params)
+
+    return run
 
 
-def hf(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> Run:
+def hf(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> Run:
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
 
     def run() -> None:
         with torch.inference_mode():
-            model.generate(
+            model.generate(  # type: ignore[operator]  # (transformers types it as a Tensor attribute)
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,

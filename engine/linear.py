@@ -62,8 +62,10 @@ def use_cpu_weight_layout(model: nn.Module) -> None:
     either way, and narrow-out layers (down_proj) are faster row-major. A tied LM head re-lays the
     embedding table too, whose row lookups do not mind. Call once, after the weights are loaded."""
     for module in model.modules():
-        weight = module.weight if isinstance(module, Linear) else None
-        if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        if not isinstance(module, Linear):
+            continue
+        weight = module.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
             continue
         if module.out_features >= module.in_features and weight.is_contiguous():
             weight.data = weight.data.t().contiguous().t()
