@@ -117,7 +117,8 @@ async def bench(args: argparse.Namespace, controller: Controller) -> list[Row]:
         "sampled_to_client": [(t.first or 0) - (t.sampled or t.first or 0) for t in traces],
     }
     for part, values in parts.items():
-        rows.append(Row(f"poisson_ttft_{part}_p50", pct(values, 0.5) * 1e3, "ms"))
+        for q in (0.5, 0.9):
+            rows.append(Row(f"poisson_ttft_{part}_p{int(q * 100)}", pct(values, q) * 1e3, "ms"))
     return rows
 
 
