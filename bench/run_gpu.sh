@@ -16,7 +16,7 @@ if [ "$what" != tests ]; then
   timeout 200 python3 -m bench.sweep_prefill_attention --out "$OUT/sweep_prefill_attention-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-').json" 2>&1 | tail -8
   timeout 200 python3 -m bench.gpu_kernels 2>&1 | tee "$OUT/gpu_kernels.log" | tail -15
   timeout 300 python3 -m bench.gpu_engine 2>&1 | tee "$OUT/gpu_engine.log" | tail -15
-  timeout 150 python3 -m bench.kv_transfer 2>&1 | tee "$OUT/kv_transfer_raw.log" | tail -15
+  timeout 150 python3 -m bench.kv_transfer 2>&1 | tee "$OUT/kv_transfer.log" | tail -15
   timeout 300 python3 -m bench.disagg_serving --requests 24 --rate 2 2>&1 | tee "$OUT/disagg_serving.log" | grep -v "^INFO\|(pid=" | tail -25
   cp bench/results/*.json "$OUT/" 2>/dev/null
 fi
