@@ -13,7 +13,9 @@ if [ "$what" != bench ]; then
     tests/test_disagg_gpu.py tests/test_model_gpu.py tests/test_cuda_graphs.py tests/test_sampler.py tests/test_kv_transfer.py tests/kernels 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
 if [ "$what" != tests ]; then
-  timeout 200 python3 -m bench.sweep_prefill_attention --out "$OUT/sweep_prefill_attention-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-').json" 2>&1 | tail -8
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-')
+  timeout 200 python3 -m bench.sweep_prefill_attention --out "$OUT/sweep_prefill_attention-$gpu.json" 2>&1 | tail -8
+  timeout 200 python3 -m bench.sweep_decode_attention --out "$OUT/sweep_decode_attention-$gpu.json" 2>&1 | tail -8
   timeout 200 python3 -m bench.gpu_kernels 2>&1 | tee "$OUT/gpu_kernels.log" | tail -15
   timeout 300 python3 -m bench.gpu_engine 2>&1 | tee "$OUT/gpu_engine.log" | tail -15
   timeout 150 python3 -m bench.kv_transfer 2>&1 | tee "$OUT/kv_transfer.log" | tail -15

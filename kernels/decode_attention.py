@@ -19,6 +19,39 @@ from kernels.step_memo import StepMemo
 LOG2_E = 1.4426950408889634  # 1/ln 2: the kernels use exp2, so log2(e) is folded into the softmax scale
 LN_2 = tl.constexpr(0.6931471805599453)  # ln 2: converts the base-2 LSE back to natural log (read in-kernel)
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows: a query group is padded up to it
+MIN_SPLIT_KEYS = 256  # fewer keys per split and a program's loads no longer cover its fixed costs
+MAX_SPLITS = 64  # keeps the merge stage's split axis small
+
+
+@dataclass(frozen=True)
+class DecodeTileConfig:
+    """One launch shape of the split kernel: keys per tile, warps per program, software-pipeline depth, and
+    the programs per SM that the split count aims at (bench/sweep_decode_attention.py compares them)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int
+    # Read each tile's page-table entries one iteration ahead (as the prefill kernel does), so that K/V
+    # are not the second load of a dependent chain and the pipeliner can issue them num_stages - 1 ahead.
+    table_ahead: bool = False
+
+    def __post_init__(self) -> None:
+        assert _is_power_of_two(self.block_n) and self.block_n >= 16, "tl.dot needs N >= 16, a power of 2"
+        assert _is_power_of_two(self.num_warps) and self.num_stages >= 1 and self.programs_per_sm >= 1
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@triton.jit
+def _tile_rows(table_ptr, n0, end, block_size, stride_cache_block, stride_cache_slot, BLOCK_N: tl.constexpr):
+    """Cache row offsets of keys n0 .. n0 + BLOCK_N; keys at or past `end` get page 0 (their loads are
+    masked)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    blocks = tl.load(table_ptr + offs_n // block_size, mask=offs_n < end, other=0)
+    return blocks.to(tl.int64) * stride_cache_block + (offs_n % block_size) * stride_cache_slot
 
 
 @triton.jit
@@ -45,6 +78,7 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TABLE_AHEAD: tl.constexpr,
 ):
     """One (sequence, KV head, split): the whole query group of that KV head against one slice of its keys.
 
@@ -69,11 +103,19 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     table_ptr = block_tables_ptr + seq * stride_table_seq
+    if TABLE_AHEAD:
+        rows_next = _tile_rows(
+            table_ptr, start, end, block_size, stride_cache_block, stride_cache_slot, BLOCK_N
+        )
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_range = offs_n < end
-        blocks = tl.load(table_ptr + offs_n // block_size, mask=in_range, other=0)
-        rows = blocks.to(tl.int64) * stride_cache_block + (offs_n % block_size) * stride_cache_slot
+        in_range = n0 + tl.arange(0, BLOCK_N) < end
+        if TABLE_AHEAD:
+            rows = rows_next
+            rows_next = _tile_rows(
+                table_ptr, n0 + BLOCK_N, end, block_size, stride_cache_block, stride_cache_slot, BLOCK_N
+            )
+        else:
+            rows = _tile_rows(table_ptr, n0, end, block_size, stride_cache_block, stride_cache_slot, BLOCK_N)
         kv_offsets = (rows + kv_head * stride_cache_head)[:, None] + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_offsets, mask=in_range[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_offsets, mask=in_range[:, None], other=0.0)
@@ -132,23 +174,30 @@ def _decode_merge_kernel(
     tl.store(lse_ptr + row, tl.where(empty, float("-inf"), (lse_max + tl.log2(safe_total)) * LN_2))
 
 
-def _tile_config(q: torch.Tensor) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages)."""
+def default_decode_config(q: torch.Tensor) -> DecodeTileConfig:
+    """The launch shape decode_attention_triton takes when given none; bench/sweep_decode_attention.py
+    measures the alternatives. On an H200 (bf16, 32 q / 8 KV heads of 128, 16-token pages) about two
+    programs per SM (one wave: 110 registers let four co-reside, so four a SM made 1.45 waves) read K+V at
+    0.98 of the copy bandwidth at B32 L8192 (four a SM: 0.85; an H100 measured 0.91 with four)."""
     if not q.is_cuda:
-        return 16, 4, 1  # interpreter: small tiles so that test contexts span many of them
-    return (64, 4, 3) if q.shape[2] >= 128 else (128, 4, 3)
+        # Interpreter: small tiles so that test contexts span many of them (the split count has its own rule).
+        return DecodeTileConfig(16, 4, 1, programs_per_sm=4)
+    block_n = 64 if q.shape[2] >= 128 else 128
+    return DecodeTileConfig(block_n, 4, 3, programs_per_sm=2)
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, device: torch.device) -> int:
-    """Enough splits for about four programs per SM, each still reading at least 256 keys.
+def default_num_splits(
+    batch: int, num_kv_heads: int, max_tokens: int, device: torch.device, programs_per_sm: int = 4
+) -> int:
+    """Enough splits for about programs_per_sm programs per SM, each still reading at least MIN_SPLIT_KEYS.
 
     max_tokens is the block-table capacity, known on the host without a sync (and fixed under CUDA graphs).
     """
     if device.type != "cuda":
         return max(1, min(8, max_tokens // 64))  # interpreter: exercise the split path at test sizes
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(4 * num_sms, max(1, batch * num_kv_heads))
-    return max(1, min(wanted, max_tokens // 256, 64))  # 64: keeps the merge stage's split axis small
+    wanted = triton.cdiv(programs_per_sm * num_sms, max(1, batch * num_kv_heads))
+    return max(1, min(wanted, max_tokens // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
 def decode_attention_triton(
@@ -159,7 +208,10 @@ def decode_attention_triton(
     block_tables: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    config: DecodeTileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As decode_attention; `config` overrides the launch shape (the sweep in bench/ tries several) and an
+    explicit num_splits overrides the split count that config.programs_per_sm would give."""
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert q.stride(2) == 1 and q.dtype == k_cache.dtype == v_cache.dtype
@@ -172,14 +224,15 @@ def decode_attention_triton(
     lse = torch.empty((batch, num_q_heads), dtype=torch.float32, device=q.device)
     if batch == 0:
         return out, lse
+    config = config or default_decode_config(q)
     if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+        max_tokens = block_tables.shape[1] * block_size
+        num_splits = default_num_splits(batch, num_kv_heads, max_tokens, q.device, config.programs_per_sm)
     group = num_q_heads // num_kv_heads
     partial_out = torch.empty(
         (batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
     )
     partial_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
-    block_n, num_warps, num_stages = _tile_config(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -201,10 +254,11 @@ def decode_attention_triton(
         NUM_SPLITS=num_splits,
         HEAD_DIM=head_dim,
         BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
-        BLOCK_N=block_n,
+        BLOCK_N=config.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact, not tf32
-        num_warps=num_warps,
-        num_stages=num_stages,
+        TABLE_AHEAD=config.table_ahead,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     _decode_merge_kernel[(batch, num_q_heads)](
         partial_out,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.decode_attention import decode_attention_reference, decode_attention_triton
+from kernels.decode_attention import DecodeTileConfig, decode_attention_reference, decode_attention_triton
 from tests.kernels.helpers import Target, make_paged_kv, naive_attention
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -39,12 +39,13 @@ def check_kernel(
     block_size: int,
     num_splits: int | None,
     target: Target,
+    config: DecodeTileConfig | None = None,
 ) -> None:
     paged = make_paged_kv(kv_lens, k_heads, head_dim, block_size, target)
     q = torch.randn(len(kv_lens), q_heads, head_dim, device=target.device).to(target.dtype)
     scale = head_dim**-0.5
     args = (paged.kv_lens, paged.block_tables, scale)
-    out, lse = decode_attention_triton(q, paged.k_cache, paged.v_cache, *args, num_splits)
+    out, lse = decode_attention_triton(q, paged.k_cache, paged.v_cache, *args, num_splits, config)
     # The reference runs in fp32 on the same (rounded) inputs: the tolerance covers the kernel's own rounding.
     expected, expected_lse = decode_attention_reference(
         q.float(), paged.k_cache.float(), paged.v_cache.float(), *args
@@ -76,3 +77,44 @@ def test_kernel_real_shapes(gpu_target: Target, kv_len: int) -> None:
     lengths = torch.randint(1, kv_len + 1, (batch,), generator=torch.Generator().manual_seed(kv_len)).tolist()
     lengths[0], lengths[1] = kv_len, 0
     check_kernel(lengths, 32, 8, 128, 16, None, gpu_target)
+
+
+# Launch shapes other than the default, as bench/sweep_decode_attention.py tries them: key tiles spanning
+# four pages, two, or lying inside one; the page table read a tile ahead (over splits left empty by rows of
+# 0 and 1 keys too); a split count given outright next to the one programs_per_sm picks.
+@pytest.mark.parametrize(
+    ("config", "block_size", "num_splits"),
+    [
+        (DecodeTileConfig(32, 4, 2, programs_per_sm=2), 8, None),
+        (DecodeTileConfig(16, 4, 3, programs_per_sm=8, table_ahead=True), 8, 5),
+        (DecodeTileConfig(32, 8, 4, programs_per_sm=4, table_ahead=True), 64, None),
+    ],
+    ids=str,
+)
+def test_kernel_launch_configs(
+    target: Target, config: DecodeTileConfig, block_size: int, num_splits: int | None
+) -> None:
+    check_kernel(KV_LENS, 8, 2, 32, block_size, num_splits, target, config)
+
+
+# Sweep candidates whose compiled form differs most from the default's (sm_90: the table read ahead takes
+# the pipeliner from one K/V tile in flight to num_stages - 1; 128-key tiles), at a real decode shape.
+@pytest.mark.parametrize(
+    "config",
+    [
+        DecodeTileConfig(64, 4, 4, programs_per_sm=2, table_ahead=True),
+        DecodeTileConfig(128, 8, 3, programs_per_sm=4, table_ahead=True),
+        DecodeTileConfig(32, 4, 5, programs_per_sm=8, table_ahead=True),
+    ],
+    ids=str,
+)
+def test_kernel_launch_configs_real_shape(gpu_target: Target, config: DecodeTileConfig) -> None:
+    lengths = torch.randint(1, 4097, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+    lengths[0], lengths[1] = 4096, 0
+    check_kernel(lengths, 32, 8, 128, 16, None, gpu_target, config)
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 1, 4), (48, 4, 1, 4), (16, 3, 1, 4), (16, 4, 0, 4), (16, 4, 1, 0)])
+def test_launch_config_rejects_bad_shapes(shape: tuple[int, int, int, int]) -> None:
+    with pytest.raises(AssertionError):
+        DecodeTileConfig(*shape)
