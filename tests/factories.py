@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from engine.llm_engine import LLMEngine
 
-TINY_SHAPE = dict(
+TINY_SHAPE: dict[str, Any] = dict(
     vocab_size=384,
     hidden_size=64,
     intermediate_size=160,
@@ -30,7 +32,7 @@ def save_tiny_hf_model(directory: Path, kind: str) -> str:
 
     torch.manual_seed({"llama": 1, "qwen2": 2, "llama3": 3}[kind])
     if kind == "qwen2":
-        shape = dict(
+        shape: dict[str, Any] = dict(
             TINY_SHAPE,
             num_attention_heads=6,
             num_key_value_heads=2,
@@ -38,16 +40,17 @@ def save_tiny_hf_model(directory: Path, kind: str) -> str:
             tie_word_embeddings=True,
             rope_theta=1_000_000.0,
         )
-        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+        model: PreTrainedModel = Qwen2ForCausalLM(Qwen2Config(**shape))
     elif kind == "llama3":
-        scaling = dict(
+        scaling: dict[str, Any] = dict(
             rope_type="llama3",
             factor=8.0,
             low_freq_factor=1.0,
             high_freq_factor=4.0,
             original_max_position_embeddings=64,
         )
-        model = LlamaForCausalLM(LlamaConfig(**TINY_SHAPE, rope_theta=500000.0, rope_scaling=scaling))
+        llama3: dict[str, Any] = dict(TINY_SHAPE, rope_theta=500000.0, rope_scaling=scaling)
+        model = LlamaForCausalLM(LlamaConfig(**llama3))
     else:
         model = LlamaForCausalLM(LlamaConfig(**dict(TINY_SHAPE, num_key_value_heads=1)))
     # Larger weights than the default init so logits vary a lot from token to token (a real test of

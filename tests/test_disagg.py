@@ -154,10 +154,12 @@ def test_openai_client_chat_and_completions(
     prompt = PROMPTS[0]
     expected = tokenizer.decode(reference[prompt])
     chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    messages = [{"role": "user", "content": prompt}]
+    from openai.types.chat import ChatCompletionMessageParam
+
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prompt}]
     out = client.chat.completions.create(
         model="SmolLM2-135M-Instruct",
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=MAX_TOKENS,
         temperature=0,
     )
@@ -169,7 +171,7 @@ def test_openai_client_chat_and_completions(
             model="SmolLM2-135M-Instruct",
             messages=messages,
             max_tokens=MAX_TOKENS,
-            temperature=0,  # type: ignore[arg-type]
+            temperature=0,
             stream=True,
             stream_options={"include_usage": True},
         )

@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -25,7 +26,7 @@ from engine import loader
 from engine.config import RopeScaling
 from engine.loader import ModelLoadError, ModelSource, iter_weights, load_model_config, resolve_model
 
-TINY = dict(
+TINY: dict[str, Any] = dict(
     vocab_size=96,
     hidden_size=64,
     intermediate_size=128,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator
+from typing import cast
 
 import pytest
 
 from cluster.local_backend import LocalEngineBackend
-from engine.messages import GenerateRequest, SamplingParams
+from engine.messages import GenerateRequest, SamplingParams, TokenDelta
 from router.backend import BackendRejectedError
 from tests.factories import make_engine, make_prompts
 
@@ -28,7 +30,8 @@ def test_streams_equal_the_engine_and_abandoned_streams_free_their_blocks(tiny_l
         return tokens
 
     async def abandon() -> None:
-        stream = backend.generate(GenerateRequest("gone", tuple(prompts[0]), SamplingParams(max_tokens=400)))
+        request = GenerateRequest("gone", tuple(prompts[0]), SamplingParams(max_tokens=400))
+        stream = cast(AsyncGenerator[TokenDelta, None], backend.generate(request))
         await stream.__anext__()
         await stream.aclose()  # the consumer goes away after one token
 

@@ -19,7 +19,8 @@ BF16_REL_L2 = 2e-2
 def hf_on_gpu(path: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.cuda().eval()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -46,7 +47,7 @@ def test_fp32_greedy_tokens_equal_transformers(kind: str, request: pytest.Fixtur
     for prompt, seq in zip(prompts, seqs):
         ids = torch.tensor([prompt], device="cuda")
         with torch.no_grad():
-            ref = hf.generate(
+            ref = hf.generate(  # type: ignore[operator]  # transformers types generate as a Tensor attribute
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=32,

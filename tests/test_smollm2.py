@@ -38,7 +38,7 @@ def test_greedy_chat_tokens_match_transformers(engine, hf_smollm2: torch.nn.Modu
     seqs = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))  # one batch
     for prompt, seq in zip(prompts, seqs):
         with torch.no_grad():
-            ref = hf_smollm2.generate(
+            ref = hf_smollm2.generate(  # type: ignore[operator]  # transformers types generate as a Tensor attribute
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                 max_new_tokens=32,

@@ -28,7 +28,12 @@ def partial_attention(
 def test_merge_of_halves_equals_whole(target: Target, merge: object) -> None:
     gen = torch.Generator().manual_seed(0)
     heads, head_dim = 4, 24
-    rows_a, rows_b, lses_a, lses_b, wholes, whole_lses = [], [], [], [], [], []
+    rows_a: list[torch.Tensor] = []
+    rows_b: list[torch.Tensor] = []
+    lses_a: list[torch.Tensor] = []
+    lses_b: list[torch.Tensor] = []
+    wholes: list[torch.Tensor] = []
+    whole_lses: list[torch.Tensor] = []
     # Row 0: side a is empty; row 1: no keys at all; the rest: random disjoint splits.
     for length in [9, 0, 20, 3, 31]:
         q = torch.randn(1, heads, head_dim, generator=gen)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -43,7 +45,7 @@ def test_reference_matches_hf(dtype: torch.dtype) -> None:
 def check_kernels(tokens: int, hidden: int, target: Target) -> None:
     x, residual = rows_view(tokens, hidden, target), rows_view(tokens, hidden, target)
     weight = torch.randn(hidden, device=target.device).to(target.dtype)
-    tol = dict(atol=target.atol, rtol=target.rtol)
+    tol: dict[str, Any] = dict(atol=target.atol, rtol=target.rtol)
     torch.testing.assert_close(rms_norm_triton(x, weight, EPS), rms_norm_reference(x, weight, EPS), **tol)
     out, residual_out = fused_add_rms_norm_triton(x, residual, weight, EPS)
     expected_out, expected_residual = fused_add_rms_norm_reference(x, residual, weight, EPS)
