@@ -37,6 +37,7 @@ class Trace:
     first: float | None = None
     last: float | None = None
     tokens: int = 0
+    prompt_len: int = 0
     exposed_s: float | None = None  # KV landed on decode minus first token sampled on prefill
     sampled: float | None = None  # when the prefill worker sampled the first token
     queue_s: float | None = None  # waiting in the prefill worker's queue before its first step
@@ -46,7 +47,7 @@ async def run_one(backend: DisaggregatedBackend, prompt: list[int], output: int)
     request = GenerateRequest(
         uuid.uuid4().hex, tuple(prompt), SamplingParams(max_tokens=output, ignore_eos=True)
     )
-    trace = Trace(time.time())
+    trace = Trace(time.time(), prompt_len=len(prompt))
     first_token_time = None
     async for delta in backend.generate(request):
         if delta.error:
@@ -105,6 +106,11 @@ async def bench(args: argparse.Namespace, controller: Controller) -> list[Row]:
     traces = await poisson()
     wall = time.time() - t0
     ttfts = [(t.first or 0) - t.submitted for t in traces]
+    print("request  submitted_s  prompt  ttft_ms  queue_ms  to_sampled_ms")
+    for i, t in enumerate(traces):
+        queue_ms, sampled_ms = (t.queue_s or 0) * 1e3, ((t.sampled or t.submitted) - t.submitted) * 1e3
+        when, ttft_ms = t.submitted - t0, ttfts[i] * 1e3
+        print(f"{i:7d}  {when:11.2f}  {t.prompt_len:6d}  {ttft_ms:7.0f}  {queue_ms:8.0f}  {sampled_ms:13.0f}")
     tpots = [((t.last or 0) - (t.first or 0)) / max(1, t.tokens - 1) for t in traces]
     for q in (0.5, 0.9):
         rows.append(Row(f"poisson_ttft_p{int(q * 100)}", pct(ttfts, q) * 1e3, "ms"))
