@@ -24,6 +24,7 @@ from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelt
 from engine.model_runner import slots_for
 
 log = logging.getLogger(__name__)
+SLOW_WRITE_S = 0.5  # a KV message slower than this to write into the cache is logged
 
 Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[TokenDelta]"]
 
@@ -229,6 +230,13 @@ class DecodeWorker:
 
     def _on_layers(self, header: StepHeader, layer_a: int, layer_b: int, payload: torch.Tensor) -> None:
         """payload [layers, 2, T, Hk, D]: write each known segment's rows into its reserved blocks."""
+        started = time.perf_counter()
+        self._write_layers(header, layer_a, layer_b, payload)
+        if (took := time.perf_counter() - started) > SLOW_WRITE_S:
+            step, ms = header.step_id, took * 1e3
+            log.warning("slow KV write: layers [%d, %d) of step %d took %.0f ms", layer_a, layer_b, step, ms)
+
+    def _write_layers(self, header: StepHeader, layer_a: int, layer_b: int, payload: torch.Tensor) -> None:
         payload = payload.to(self.engine.device)  # a gloo channel stages on the CPU
         offset = 0
         bs = self.engine.blocks.block_size

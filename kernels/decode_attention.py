@@ -54,7 +54,8 @@ def _tile_rows(table_ptr, n0, end, block_size, stride_cache_block, stride_cache_
     return blocks.to(tl.int64) * stride_cache_block + (offs_n % block_size) * stride_cache_slot
 
 
-@triton.jit
+# The block-table width changes from step to step in eager decode: see _prefill_attention_kernel.
+@triton.jit(do_not_specialize=["stride_table_seq"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,

@@ -270,9 +270,10 @@ def _query_tile(
         tl.store(out_ptr + out_offsets + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-# num_seqs changes from step to step: specialising on it (Triton does for 1 and multiples of 16) would
-# compile a new variant mid-serving the first time a step batches 2 prompts, stalling every queued request.
-@triton.jit(do_not_specialize=["num_seqs"])
+# num_seqs and the block-table width (stride_table_seq) change from step to step: specialising on them (Triton
+# does for 1 and multiples of 16) compiled a new variant mid-serving, for seconds, the first time a step
+# batched 2 prompts or held a prompt of other than a multiple of 256 tokens, stalling every queued request.
+@triton.jit(do_not_specialize=["num_seqs", "stride_table_seq"])
 def _prefill_attention_kernel(
     q_ptr,
     k_cache_ptr,

@@ -22,6 +22,7 @@ from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelt
 from engine.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
+SLOW_STEP_S = 1.0  # a step slower than this is logged with where its time went
 
 
 @dataclass
@@ -43,6 +44,7 @@ class PrefillWorker:
         self._step_dests: list[str] = []
         self._broken: set[str] = set()
         self.served = 0  # requests whose first token this worker produced
+        self._plan_s = 0.0  # time the last step spent beginning its KV steps (posting their headers)
         self._deferred: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
         self.stream_layers = spec.transfer.stream_layers
         self.thread = EngineThread(f"prefill-{spec.worker_id}", self._step)
@@ -158,11 +160,21 @@ class PrefillWorker:
             return False
         # The KV stream's staging buffers are written both while planning and inside the forward: one
         # inference-mode scope around the whole step keeps them all ordinary inference tensors.
+        started = time.perf_counter()
+        self._plan_s = 0.0
         with torch.inference_mode():
             deltas = self.engine.step(plan=self._plan_transfers)
+            stepped = time.perf_counter()
             self._send_deferred()
             for sender_id in self._step_dests:
                 self._guard(sender_id, KVStreamSender.end_step)
+        if (took := time.perf_counter() - started) > SLOW_STEP_S:
+            log.warning(
+                "slow prefill step: %.0f ms (KV step headers %.0f, schedule + forward + sampling %.0f, "
+                "deferred sends + end %.0f), %d first tokens",
+                took * 1e3, self._plan_s * 1e3, (stepped - started - self._plan_s) * 1e3,
+                (took - (stepped - started)) * 1e3, len(deltas),
+            )  # fmt: skip
         for delta in deltas:
             p = self.pending.get(delta.request_id)
             if p is not None and p.decode_id in self._broken:
@@ -185,6 +197,13 @@ class PrefillWorker:
 
     def _plan_transfers(self, out: SchedulerOutput) -> KVHook | None:
         """Begin one KV step per destination channel; return the hook that sends each layer."""
+        started = time.perf_counter()
+        try:
+            return self._begin_transfers(out)
+        finally:
+            self._plan_s = time.perf_counter() - started
+
+    def _begin_transfers(self, out: SchedulerOutput) -> KVHook | None:
         rows: dict[str, list[int]] = {}
         segments: dict[str, list[Segment]] = {}
         offset = 0
