@@ -365,6 +365,34 @@ def thread_counts() -> tuple[int, int]:
     return threading.active_count(), len(os.listdir("/proc/self/task"))
 
 
+def test_an_idle_channel_outlives_its_connect_timeout() -> None:
+    # The idle wait for the next step header has no deadline: a deployment with no traffic for longer than
+    # connect_timeout_s (which bounds only the rendezvous) must keep its channels.
+    listener = ChannelListener("gloo", "idle", timeout_s=1.0, connect_timeout_s=1.0)
+    opened: list[KVChannel] = []
+    joining = threading.Thread(target=lambda: opened.append(open_channel(listener.spec, SENDER_RANK, "cpu")))
+    joining.start()
+    receiver = listener.accept("cpu")
+    joining.join()
+    sender = opened[0]
+    try:
+        buf = torch.zeros(4)
+        posted = receiver.recv(buf)
+
+        def send_late() -> None:
+            time.sleep(2.5)  # the receiver waits idle for 2.5 connect timeouts
+            sender.send(torch.arange(4.0)).wait(5.0)
+
+        late = threading.Thread(target=send_late)
+        late.start()
+        posted.wait(None)
+        late.join()
+        assert torch.equal(buf, torch.arange(4.0))
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_open_close_repeatedly_leaks_no_threads() -> None:
     # Odd rounds stop the receiver while it is blocked on the next header; even ones close from the sender.
     # Python threads must come back exactly; native threads (torch and gloo start some lazily, once) must

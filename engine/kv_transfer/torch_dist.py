@@ -48,7 +48,9 @@ def _store_prefix(spec: ChannelSpec, group: str) -> str:
 
 def _gloo_timeout(timeout_s: float | None) -> timedelta:
     if timeout_s is None:
-        return timedelta(0)  # gloo: zero means the group's timeout, i.e. _IDLE_TIMEOUT
+        # Explicit: gloo's "zero = the group's timeout" is the rendezvous bound (connect_timeout_s), which
+        # set_timeout does not change for waits, so an idle channel would break after that long.
+        return _IDLE_TIMEOUT
     return timedelta(milliseconds=max(1.0, timeout_s * 1e3))
 
 
