@@ -13,6 +13,7 @@ import ray
 from cluster.controller import Controller
 from engine.llm_engine import RequestError
 from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
+from prefill.worker import channel_failed
 from router.backend import (
     BackendOverloadedError,
     BackendRejectedError,
@@ -58,6 +59,8 @@ class DisaggregatedBackend(GenerationBackend):
             if not reserved:
                 raise BackendOverloadedError(f"decode worker {d} has no free KV blocks")
             first = await self.controller.prefill(p).prefill.remote(request, d)
+            if channel_failed(first.error):  # the pair's channel broke: the next request opens a new one
+                self.controller.forget_channel(p, d)
             finished = first.finished
             if first.queue_s is not None:
                 self.report_timing(Phase.QUEUE, first.queue_s)

@@ -22,6 +22,8 @@ from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelt
 from engine.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
+# How a request's error says its KV channel is gone: the controller then opens a new one on next use.
+CHANNEL_FAILURES = ("no KV channel from", "KV transfer to")
 SLOW_STEP_S = 1.0  # a step slower than this is logged with where its time went
 
 
@@ -254,6 +256,11 @@ class PrefillWorker:
         for rid in [r for r, p in self.pending.items() if p.decode_id == decode_id]:
             self._abort(rid, FinishReason.ERROR, f"KV transfer to {decode_id} failed")
         self._broken.discard(decode_id)
+
+
+def channel_failed(error: str | None) -> bool:
+    """Whether a prefill error means the pair's KV channel is broken or missing."""
+    return error is not None and error.startswith(CHANNEL_FAILURES)
 
 
 def _error(request_id: str, message: str) -> TokenDelta:
