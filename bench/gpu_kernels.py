@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,8 @@ import triton.testing
 
 from bench.ceilings import against_target, copy_bandwidth
 from bench.results import Row, write_result
-from kernels.decode_attention import decode_attention_triton
-from kernels.prefill_attention import prefill_attention_triton
+from kernels.decode_attention import DecodeTileConfig, decode_attention_triton
+from kernels.prefill_attention import TileConfig, prefill_attention_triton
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DECODE_CASES = ((32, 8192), (1, 8192), (128, 8192), (32, 1024), (32, 32768))  # (batch, context)
@@ -43,7 +44,7 @@ def num_copies(nbytes: int) -> int:
     return max(1, min(8, -(-4 * l2 // nbytes)))
 
 
-def rotating(calls: list[Callable[[], object]]) -> Callable[[], None]:
+def rotating(calls: Sequence[Callable[[], object]]) -> Callable[[], None]:
     order = itertools.cycle(calls)
 
     def run() -> None:
@@ -58,24 +59,45 @@ def random_tables(batch: int, blocks_per_seq: int) -> torch.Tensor:
     return perm.to(torch.int32).view(batch, blocks_per_seq)
 
 
-def decode_call(batch: int, context: int) -> Callable[[], object]:
+@dataclass(frozen=True)
+class DecodeInputs:
+    """One copy of a (batch, context) decode case: every sequence `context` tokens long."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    kv_lens: torch.Tensor
+    tables: torch.Tensor
+
+    def call(self, config: DecodeTileConfig | None = None) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        args = (self.q, self.k_cache, self.v_cache, self.kv_lens, self.tables, HEAD_DIM**-0.5)
+        return lambda: decode_attention_triton(*args, config=config)
+
+
+def decode_inputs(batch: int, context: int) -> DecodeInputs:
     blocks = context // BLOCK_SIZE
-    q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     shape = (batch * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
-    v_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
-    kv_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    tables = random_tables(batch, blocks)
-    scale = HEAD_DIM**-0.5
-    return lambda: decode_attention_triton(q, k_cache, v_cache, kv_lens, tables, scale)
+    return DecodeInputs(
+        q=torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda"),
+        k_cache=torch.randn(shape, dtype=DTYPE, device="cuda"),
+        v_cache=torch.randn(shape, dtype=DTYPE, device="cuda"),
+        kv_lens=torch.full((batch,), context, dtype=torch.int32, device="cuda"),
+        tables=random_tables(batch, blocks),
+    )
+
+
+def kv_bytes(batch: int, context: int) -> int:
+    """K and V bytes a decode call reads."""
+    return 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
 
 
 def bench_decode(batch: int, context: int, bandwidth: float) -> Row:
-    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
-    seconds = median_s(rotating([decode_call(batch, context) for _ in range(num_copies(kv_bytes))]))
+    nbytes = kv_bytes(batch, context)
+    copies = [decode_inputs(batch, context).call() for _ in range(num_copies(nbytes))]
+    seconds = median_s(rotating(copies))
     row = Row(
         f"decode_attention_B{batch}_L{context}",
-        kv_bytes / seconds / 1e9,
+        nbytes / seconds / 1e9,
         "GB/s",
         ceiling=bandwidth / 1e9,
         note=f"{seconds * 1e3:.3f} ms",
@@ -88,27 +110,57 @@ def causal_flops(length: int) -> float:
     return 2 * 2 * NUM_Q_HEADS * HEAD_DIM * length * length / 2
 
 
-def bench_prefill(length: int) -> list[Row]:
-    q = torch.randn(length, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    k = torch.randn(length, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    v = torch.randn(length, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    # Ours reads K/V from a paged cache in scattered blocks; SDPA reads the same values contiguously.
+@dataclass(frozen=True)
+class PrefillInputs:
+    """One sequence of `length` tokens: paged inputs for ours (K/V in blocks scattered at random), the same
+    values as contiguous [1, H, L, D] copies for SDPA."""
+
+    length: int
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cu_seqlens: torch.Tensor
+    kv_lens: torch.Tensor
+    tables: torch.Tensor
+    sdpa_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    @property
+    def scale(self) -> float:
+        return HEAD_DIM**-0.5
+
+    def ours(self, config: TileConfig | None = None) -> Callable[[], torch.Tensor]:
+        args = (self.q, self.k_cache, self.v_cache, self.cu_seqlens, self.kv_lens, self.tables, self.scale)
+        return lambda: prefill_attention_triton(*args, config=config)
+
+    def sdpa(self) -> torch.Tensor:
+        return F.scaled_dot_product_attention(*self.sdpa_inputs, is_causal=True, scale=self.scale)
+
+
+def prefill_inputs(length: int) -> PrefillInputs:
+    q, k, v = (torch.randn(length, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda") for _ in range(3))
     tables = random_tables(1, length // BLOCK_SIZE)
-    k_cache = torch.empty(length // BLOCK_SIZE, BLOCK_SIZE, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    v_cache = torch.empty_like(k_cache)
-    k_cache[tables[0].long()] = k.view(-1, BLOCK_SIZE, NUM_Q_HEADS, HEAD_DIM)
-    v_cache[tables[0].long()] = v.view(-1, BLOCK_SIZE, NUM_Q_HEADS, HEAD_DIM)
-    cu_seqlens = torch.tensor([0, length], dtype=torch.int32, device="cuda")
-    kv_lens = torch.tensor([length], dtype=torch.int32, device="cuda")
-    scale = HEAD_DIM**-0.5
-    qs, ks, vs = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))  # [1, H, L, D]
+    page_shape = (BLOCK_SIZE, NUM_Q_HEADS, HEAD_DIM)
+    caches = []
+    for dense in (k, v):
+        cache = torch.empty(length // BLOCK_SIZE, *page_shape, dtype=DTYPE, device="cuda")
+        cache[tables[0].long()] = dense.view(-1, *page_shape)
+        caches.append(cache)
+    sdpa_q, sdpa_k, sdpa_v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
+    return PrefillInputs(
+        length=length,
+        q=q,
+        k_cache=caches[0],
+        v_cache=caches[1],
+        cu_seqlens=torch.tensor([0, length], dtype=torch.int32, device="cuda"),
+        kv_lens=torch.tensor([length], dtype=torch.int32, device="cuda"),
+        tables=tables,
+        sdpa_inputs=(sdpa_q, sdpa_k, sdpa_v),
+    )
 
-    def ours() -> torch.Tensor:
-        return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens, kv_lens, tables, scale)
 
-    def sdpa() -> torch.Tensor:
-        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-
+def bench_prefill(length: int) -> list[Row]:
+    inputs = prefill_inputs(length)
+    ours, sdpa = inputs.ours(), inputs.sdpa
     # The same answer first: a fast wrong kernel is no result.
     error = (ours() - sdpa()[0].transpose(0, 1)).abs().max().item()
     flops = causal_flops(length)

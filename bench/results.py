@@ -54,6 +54,16 @@ def _versions() -> dict[str, str | None]:
     return {"torch": torch.__version__, "triton": triton_version}
 
 
+def result_header() -> dict[str, Any]:
+    """What every result document starts with: the device, the versions and the date."""
+    return {
+        "gpu": device_name() if torch.cuda.is_available() else None,
+        "device": device_name() if torch.cuda.is_available() else "cpu",
+        **_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def write_result(
     name: str, rows: list[Row], extra: dict[str, Any] | None = None, compare: tuple[str, str] | None = None
 ) -> Path:
@@ -68,18 +78,14 @@ def write_result(
             else r
             for r in rows
         ]
-    device = device_name() if torch.cuda.is_available() else "cpu"
     doc: dict[str, Any] = {
-        "gpu": device_name() if torch.cuda.is_available() else None,
-        "device": device,
-        **_versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **result_header(),
         "rows": [{**asdict(r), "fraction": r.fraction} for r in rows],
         **(extra or {}),
     }
     print(format_table(rows))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{_slug(device)}.json"
+    path = RESULTS_DIR / f"{name}-{_slug(doc['device'])}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {path}")
     return path

@@ -18,7 +18,6 @@ and writes every row as JSON after each shape (a run cut short still leaves its 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 from collections.abc import Callable
@@ -37,16 +36,17 @@ from bench.gpu_kernels import (
     HEAD_DIM,
     NUM_KV_HEADS,
     NUM_Q_HEADS,
+    DecodeInputs,
+    decode_inputs,
+    kv_bytes,
     median_s,
     num_copies,
-    random_tables,
     rotating,
 )
-from bench.results import RESULTS_DIR, device_name
+from bench.results import RESULTS_DIR, result_header
 from kernels.decode_attention import (
     DecodeTileConfig,
     decode_attention_reference,
-    decode_attention_triton,
     default_decode_config,
     default_num_splits,
 )
@@ -95,21 +95,6 @@ DEFAULT_OUT = RESULTS_DIR / "sweep_decode_attention.json"
 
 
 @dataclass(frozen=True)
-class DecodeInputs:
-    """One copy of the tensors bench/gpu_kernels.py's decode_call builds for a (batch, context) case."""
-
-    q: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    kv_lens: torch.Tensor
-    tables: torch.Tensor
-
-    def call(self, config: DecodeTileConfig) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        args = (self.q, self.k_cache, self.v_cache, self.kv_lens, self.tables, HEAD_DIM**-0.5)
-        return lambda: decode_attention_triton(*args, config=config)
-
-
-@dataclass(frozen=True)
 class DecodeCase:
     batch: int
     context: int
@@ -145,24 +130,8 @@ class Outcome:
         return self.graphed_fraction if mode == "graphed" else self.eager_fraction
 
 
-def kv_bytes(batch: int, context: int) -> int:
-    return 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
-
-
-def make_inputs(batch: int, context: int) -> DecodeInputs:
-    blocks = context // BLOCK_SIZE
-    shape = (batch * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    return DecodeInputs(
-        q=torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda"),
-        k_cache=torch.randn(shape, dtype=DTYPE, device="cuda"),
-        v_cache=torch.randn(shape, dtype=DTYPE, device="cuda"),
-        kv_lens=torch.full((batch,), context, dtype=torch.int32, device="cuda"),
-        tables=random_tables(batch, blocks),
-    )
-
-
 def make_case(batch: int, context: int) -> DecodeCase:
-    copies = tuple(make_inputs(batch, context) for _ in range(num_copies(kv_bytes(batch, context))))
+    copies = tuple(decode_inputs(batch, context) for _ in range(num_copies(kv_bytes(batch, context))))
     return DecodeCase(batch, context, copies)
 
 
@@ -326,10 +295,7 @@ def document(
     outcomes: list[Outcome], default: DecodeTileConfig, bandwidth: float, wall_s: float
 ) -> dict[str, Any]:
     return {
-        "gpu": device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **result_header(),
         "shape": f"{NUM_Q_HEADS} q / {NUM_KV_HEADS} kv heads x {HEAD_DIM}, {DTYPE}, blocks of {BLOCK_SIZE}",
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "summary": summary(outcomes, default),

@@ -14,16 +14,12 @@ worst-case fraction of SDPA.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import triton
 
 from bench.gpu_kernels import (
     BLOCK_SIZE,
@@ -31,12 +27,13 @@ from bench.gpu_kernels import (
     HEAD_DIM,
     NUM_Q_HEADS,
     PREFILL_LENGTHS,
+    PrefillInputs,
     causal_flops,
     median_s,
-    random_tables,
+    prefill_inputs,
 )
-from bench.results import RESULTS_DIR, device_name
-from kernels.prefill_attention import TileConfig, default_tile_config, prefill_attention_triton
+from bench.results import RESULTS_DIR, result_header
+from kernels.prefill_attention import TileConfig, default_tile_config
 
 # Shapes the sm_90 build (Triton 3.6) takes within 227 KB of shared memory, plain and with the structural
 # variants of TileConfig. Registers / shared memory per program from an sm_90 AOT build: 128x128 s3 255 /
@@ -68,31 +65,6 @@ DEFAULT_OUT = RESULTS_DIR / "sweep_prefill_attention.json"  # run_gpu.sh names i
 
 
 @dataclass(frozen=True)
-class PrefillCase:
-    """One sequence of `length` tokens: paged inputs for ours, contiguous [1, H, L, D] copies for SDPA."""
-
-    length: int
-    q: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    cu_seqlens: torch.Tensor
-    kv_lens: torch.Tensor
-    tables: torch.Tensor
-    sdpa_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-    @property
-    def scale(self) -> float:
-        return HEAD_DIM**-0.5
-
-    def ours(self, config: TileConfig) -> Callable[[], torch.Tensor]:
-        args = (self.q, self.k_cache, self.v_cache, self.cu_seqlens, self.kv_lens, self.tables, self.scale)
-        return lambda: prefill_attention_triton(*args, config=config)
-
-    def sdpa(self) -> torch.Tensor:
-        return F.scaled_dot_product_attention(*self.sdpa_inputs, is_causal=True, scale=self.scale)
-
-
-@dataclass(frozen=True)
 class Outcome:
     length: int
     config: TileConfig
@@ -103,34 +75,13 @@ class Outcome:
     error: str = ""
 
 
-def make_case(length: int) -> PrefillCase:
-    """The inputs bench/gpu_kernels.py builds for prefill_attention_L{length}."""
-    q, k, v = (torch.randn(length, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda") for _ in range(3))
-    tables = random_tables(1, length // BLOCK_SIZE)
-    page_shape = (BLOCK_SIZE, NUM_Q_HEADS, HEAD_DIM)
-    caches = []
-    for dense in (k, v):
-        cache = torch.empty(length // BLOCK_SIZE, *page_shape, dtype=DTYPE, device="cuda")
-        cache[tables[0].long()] = dense.view(-1, *page_shape)
-        caches.append(cache)
-    sdpa_q, sdpa_k, sdpa_v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
-    return PrefillCase(
-        length=length,
-        q=q,
-        k_cache=caches[0],
-        v_cache=caches[1],
-        cu_seqlens=torch.tensor([0, length], dtype=torch.int32, device="cuda"),
-        kv_lens=torch.tensor([length], dtype=torch.int32, device="cuda"),
-        tables=tables,
-        sdpa_inputs=(sdpa_q, sdpa_k, sdpa_v),
-    )
-
-
 def tflops(length: int, seconds: float) -> float:
     return causal_flops(length) / seconds / 1e12
 
 
-def try_candidate(case: PrefillCase, config: TileConfig, expected: torch.Tensor, sdpa_rate: float) -> Outcome:
+def try_candidate(
+    case: PrefillInputs, config: TileConfig, expected: torch.Tensor, sdpa_rate: float
+) -> Outcome:
     run = case.ours(config)
     started = time.perf_counter()
     try:
@@ -180,7 +131,7 @@ def best(outcomes: list[Outcome]) -> TileConfig | None:
     return max(worst, key=lambda c: worst[c]) if worst else None
 
 
-def sweep_case(case: PrefillCase, default: TileConfig) -> tuple[float, list[Outcome]]:
+def sweep_case(case: PrefillInputs, default: TileConfig) -> tuple[float, list[Outcome]]:
     expected = case.sdpa()[0].transpose(0, 1).float()
     sdpa_rate = tflops(case.length, median_s(case.sdpa))
     outcomes = []
@@ -204,7 +155,7 @@ def main() -> None:
     sdpa: dict[int, float] = {}
     outcomes: list[Outcome] = []
     for length in PREFILL_LENGTHS:
-        case = make_case(length)
+        case = prefill_inputs(length)
         default = default_tile_config(case.q)
         sdpa[length], rows = sweep_case(case, default)
         outcomes.extend(rows)
@@ -212,10 +163,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     winner = best(outcomes)
     doc = {
-        "gpu": device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **result_header(),
         "shape": f"1 sequence, {NUM_Q_HEADS} heads x {HEAD_DIM}, {DTYPE}, KV blocks of {BLOCK_SIZE}, causal",
         "sdpa_tflops": {str(length): rate for length, rate in sdpa.items()},
         "default": asdict(default),

@@ -2,8 +2,9 @@
 column-major weight layout for single rows.
 
 On the 2-core CI host (torch 2.13, MKL 2024.2, AVX-512; fp32 SmolLM2 shapes), `F.linear` over
-SmolLM2's layer stack at 4-96 rows runs 1.2-1.8x slower than oneDNN's inner product on a weight reordered
-ahead of time: MKL re-packs the weight on every call, which at a few rows costs more than the product.
+SmolLM2's layers at 4 and 8 rows runs 1.1-2.5x slower (by layer shape; measured in isolation) than
+oneDNN's inner product on a weight reordered ahead of time: MKL re-packs the weight on every call, which
+at a few rows costs more than the product.
 At one to three rows MKL's GEMV path already streams the weight at memory bandwidth and wins, and at
 prefill sizes the two are even, so those keep `F.linear`. The packed copy doubles the weight memory of
 every layer that takes the path; it is built on first use and rebuilt when the weight changes.

@@ -271,8 +271,9 @@ def _query_tile(
 
 
 # num_seqs and the block-table width (stride_table_seq) change from step to step: specialising on them (Triton
-# does for 1 and multiples of 16) compiled a new variant mid-serving, for seconds, the first time a step
-# batched 2 prompts or held a prompt of other than a multiple of 256 tokens, stalling every queued request.
+# does for 1 and multiples of 16) compiles a new variant mid-serving, for seconds, the first time a step
+# batches 2 prompts or holds a prompt of other than a multiple of 256 tokens, stalling every queued request
+# (the likely cause of a measured 3.5 s first-request stall in bench/disagg_serving.py; not yet re-measured).
 @triton.jit(do_not_specialize=["num_seqs", "stride_table_seq"])
 def _prefill_attention_kernel(
     q_ptr,
@@ -328,8 +329,9 @@ def default_tile_config(q: torch.Tensor) -> TileConfig:
     """The launch shape prefill_attention_triton takes when given none; bench/sweep_prefill_attention.py
     measures the alternatives. On an H200 with Triton 3.6 (bf16, head dim 128, 16-token pages) 128 x 128
     tiles, 8 warps and 3 stages were the fastest of 18 at 4096 and 16384 tokens (0.70 and 0.79 of SDPA;
-    128 x 64: 0.67 and 0.77); pairing each heavy causal tile with its light mirror in one program added
-    0.02 at 4096 (0.72): 255 registers, 28 bytes spilled. Lazy rescaling lost everywhere."""
+    128 x 64: 0.67 and 0.77). Pairing each heavy causal tile with its light mirror in one program measured
+    +0.02 at 4096 and -0.02 at 16384 in the second sweep (0.72 / 0.78 against 0.70 / 0.80), about a wash;
+    255 registers, 28 bytes spilled. Lazy rescaling lost everywhere."""
     if not q.is_cuda:
         return TileConfig(16, 16, 4, 1)  # interpreter: the smallest tl.dot tiles keep test shapes small
     if q.shape[2] <= 64:

@@ -7,7 +7,7 @@ import torch
 
 from engine.kv_cache import kv_block_bytes
 from engine.messages import SamplingParams
-from tests.factories import make_engine, make_prompts, prefill_logits
+from tests.factories import hf_greedy, make_engine, make_prompts, prefill_logits
 
 PROMPT_LENGTHS = [5, 11, 18, 31]
 KINDS = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_llama3_dir"]
@@ -42,16 +42,7 @@ def test_greedy_tokens_match_transformers(kind: str, request: pytest.FixtureRequ
     seqs = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     hf = hf_model(path)
     for prompt, seq in zip(prompts, seqs):
-        with torch.no_grad():
-            ref = hf.generate(  # type: ignore[operator]  # transformers types generate as a Tensor attribute
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=32,
-                min_new_tokens=32,
-                do_sample=False,
-                pad_token_id=0,
-            )[0, len(prompt) :]
-        assert seq.output_token_ids == ref.tolist()
+        assert seq.output_token_ids == hf_greedy(hf, prompt, 32)
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 

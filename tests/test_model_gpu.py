@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.messages import SamplingParams
-from tests.factories import make_engine, make_prompts, prefill_logits
+from tests.factories import hf_greedy, make_engine, make_prompts, prefill_logits
 
 pytestmark = pytest.mark.gpu
 KINDS = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_llama3_dir"]
@@ -45,14 +45,4 @@ def test_fp32_greedy_tokens_equal_transformers(kind: str, request: pytest.Fixtur
     seqs = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     hf = hf_on_gpu(path, torch.float32)
     for prompt, seq in zip(prompts, seqs):
-        ids = torch.tensor([prompt], device="cuda")
-        with torch.no_grad():
-            ref = hf.generate(  # type: ignore[operator]  # transformers types generate as a Tensor attribute
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=32,
-                min_new_tokens=32,
-                do_sample=False,
-                pad_token_id=0,
-            )[0, len(prompt) :]
-        assert seq.output_token_ids == ref.tolist()
+        assert seq.output_token_ids == hf_greedy(hf, prompt, 32)
