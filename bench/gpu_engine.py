@@ -4,8 +4,10 @@ same run (the cost of a forward does not depend on the weights' values).
     python -m bench.gpu_engine [--decode-steps 32] [--prefill-reps 3]
 
 - decode_step_llama3_8b_B{1,64}: wall time of one engine step (schedule, inputs, forward, sampling) with
-  every sequence decoding at context 2048, CUDA graphs on ("graphs") and off ("eager"), against the
-  roofline: bytes of weights plus KV read per step over the HBM copy bandwidth. Target 0.85 (graphs).
+  every sequence decoding at context 2048, CUDA graphs on ("graphs") and off ("eager"), async scheduling
+  on (the engine's default on CUDA: the host prepares a step while the device runs the one before) and,
+  for the graphs, off ("graphs_serial"), against the roofline: bytes of weights plus KV read per step over
+  the HBM copy bandwidth. Target 0.85 (graphs).
 - prefill_llama3_8b_T{2048,8192,32768}: one prompt prefilled in one step; model FLOPs per second (MFU)
   against the bf16 matmul rate. Target 0.65.
 - decode_vs_hf_B32: decode tokens/s at batch 32 (prompts of 128, 64 new tokens, greedy) against HF
@@ -19,6 +21,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -73,7 +76,9 @@ def timed(fn: Callable[[], object]) -> float:
 
 def decode_step_seconds(engine: LLMEngine, batch: int, steps: int) -> float:
     """Median wall time of engine.step() with `batch` sequences decoding at CONTEXT. Their prompt KV is
-    admitted the way a decode worker admits a prefilled request (its values do not change the cost)."""
+    admitted the way a decode worker admits a prefilled request (its values do not change the cost). With
+    async scheduling a step returns the tokens of the step before it, so each timed step still carries one
+    step's tokens back to the host; the first step returns none."""
     prompts = random_prompts(batch, CONTEXT, engine.model_config.vocab_size)
     ids = [f"decode-B{batch}-{i}" for i in range(batch)]
     for i, (request_id, prompt) in enumerate(zip(ids, prompts)):
@@ -83,11 +88,13 @@ def decode_step_seconds(engine: LLMEngine, batch: int, steps: int) -> float:
     times = []
     for _ in range(WARMUP_STEPS + steps):
         t0 = time.perf_counter()
-        deltas = engine.step()  # ends in a device-to-host copy of the sampled tokens: synchronous
+        deltas = engine.step()  # ends waiting for a step's sampled tokens on the host
         times.append(time.perf_counter() - t0)
-        assert len(deltas) == batch
+        assert len(deltas) == batch or (not times[:-1] and engine.in_flight is not None)
     for request_id in ids:
         engine.abort_request(request_id)
+    while engine.has_unfinished():  # the step still in flight
+        engine.step()
     return statistics.median(times[WARMUP_STEPS:])
 
 
@@ -191,14 +198,14 @@ def free_gpu() -> None:
 
 def decode_rows(engine: LLMEngine, steps: int, bandwidth: float) -> list[Row]:
     graphs = engine.runner.graphs is not None
+    system = ("graphs" if graphs else "eager") + ("" if engine.config.overlaps_steps else "_serial")
     rows = []
     for batch in DECODE_BATCHES:
         seconds = decode_step_seconds(engine, batch, steps)
         mean_context = CONTEXT + 1 + WARMUP_STEPS + steps / 2
         roofline = decode_roofline_seconds(engine.model_config, batch, mean_context, bandwidth)
-        system = "graphs" if graphs else "eager"
         row = Row(f"decode_step_{TAG}_B{batch}", seconds * 1e3, "ms", roofline * 1e3, system)
-        rows.append(against_target(row, DECODE_TARGET) if graphs else row)  # eager: for comparison
+        rows.append(against_target(row, DECODE_TARGET) if system == "graphs" else row)  # the rest: to compare
     return rows
 
 
@@ -238,6 +245,9 @@ def main() -> None:
     engine = LLMEngine(engine_config(), model=model)
     rows = decode_rows(engine, args.decode_steps, bandwidth) + prefill_rows(engine, args.prefill_reps, flops)
     ours_rate = decode_rate(ours_generate(engine, random_prompts(HF_BATCH, HF_PROMPT, config.vocab_size)))
+    engine.config = replace(engine.config, async_scheduling=False)
+    rows += decode_rows(engine, args.decode_steps, bandwidth)
+    engine.config = replace(engine.config, async_scheduling=True)
     # Eager on the same engine: a second engine would size its KV cache while the model's attention
     # layers still hold views of this one's, so it would find too little memory free.
     engine.runner.graphs = None

@@ -1,10 +1,11 @@
 """Where a decode step's time goes on a GPU: the whole engine step against its parts, for the decode-step
 rows of bench/gpu_engine.py (Llama-3-8B-shaped random weights, bf16, context 2048, CUDA graphs on).
 
-- step: wall time of engine.step() (schedule, inputs, graph replay, LM head, sampler, token copy-back);
+- step: wall time of engine.step() (schedule, inputs, graph replay, LM head, sampler, token copy-back),
+  with async scheduling (the default on CUDA) and serial;
 - replay: GPU time of the captured decode graph alone, replayed back to back (the forward, no host work);
 - head: GPU time of the LM head and greedy sampling of the batch's rows;
-- host: step - replay - head, the time the GPU waits for the host.
+- host: serial step - replay - head, the time the GPU would wait for the host without running ahead.
 Then the top kernels of a few steps by GPU time (torch.profiler). A profiling aid, not a benchmark: it
 writes no result file.
 
@@ -17,6 +18,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -67,6 +69,9 @@ def profile_batch(engine: LLMEngine, batch: int, bandwidth: float, trace_dir: st
     for _ in range(3):
         engine.step()
     wall = step_ms(engine)
+    engine.config = replace(engine.config, async_scheduling=False)
+    serial = step_ms(engine)
+    engine.config = replace(engine.config, async_scheduling=True)
     graphs = engine.runner.graphs
     assert graphs is not None
     size = next(b for b in graphs.batch_sizes if b >= batch)
@@ -78,8 +83,8 @@ def profile_batch(engine: LLMEngine, batch: int, bandwidth: float, trace_dir: st
     head = gpu_ms(lambda: sample(engine.model.compute_logits(hidden), sampling))
     roofline = decode_roofline_seconds(engine.model_config, batch, CONTEXT + 10, bandwidth) * 1e3
     print(
-        f"B{batch}: step {wall:.2f} ms | replay {replay:.2f} | head+sample {head:.2f} | "
-        f"host (rest) {wall - replay - head:.2f} | roofline {roofline:.2f} ms "
+        f"B{batch}: step {wall:.2f} ms (serial {serial:.2f}) | replay {replay:.2f} | head {head:.2f} | "
+        f"host (rest) {serial - replay - head:.2f} | roofline {roofline:.2f} ms "
         f"(step {roofline / wall:.2f}, replay+head {roofline / (replay + head):.2f} of it)"
     )
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -91,6 +96,8 @@ def profile_batch(engine: LLMEngine, batch: int, bandwidth: float, trace_dir: st
         prof.export_chrome_trace(f"{trace_dir}/decode_step_B{batch}.json")
     for request_id in ids:
         engine.abort_request(request_id)
+    while engine.has_unfinished():  # the step still in flight
+        engine.step()
 
 
 def main() -> None:

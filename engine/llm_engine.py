@@ -22,7 +22,7 @@ from engine.linear import use_cpu_weight_layout
 from engine.loader import ModelSource, iter_weights, load_model_config, resolve_model
 from engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
 from engine.model import LlamaForCausalLM, build_model, init_random_weights
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner, SampledTokens
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 
@@ -49,6 +49,9 @@ class EngineConfig:
     seed: int = 0
     load_progress: bool = True
     cuda_graphs: bool = True  # replay pure-decode steps from CUDA graphs (CUDA only; ignored on CPU)
+    # Launch the next decode step before the current one's tokens reach the host, so the host's work hides
+    # behind the device's (None: on for CUDA; on CPU the forward runs on the host, so nothing would hide).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -61,6 +64,12 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def overlaps_steps(self) -> bool:
+        if self.async_scheduling is None:
+            return self.torch_device.type == "cuda"
+        return self.async_scheduling
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -119,6 +128,7 @@ class LLMEngine:
         sampler.warm_up(self.model_config.vocab_size, self.device)
         self.sequences: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
+        self.in_flight: LaunchedStep | None = None  # launched, tokens not yet read back (async scheduling)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -163,27 +173,65 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
     def step(self, plan: Callable[[SchedulerOutput], KVHook | None] | None = None) -> list[TokenDelta]:
         """Schedule and run one step; returns one delta per sequence that sampled a token.
 
         plan, if given, sees the step's schedule before it runs and may return a hook that every
-        attention layer calls with its new K/V (the prefill worker streams KV through it)."""
+        attention layer calls with its new K/V (the prefill worker streams KV through it).
+
+        With async scheduling, a step of decodes alone is launched and the deltas returned are those of
+        the step before it, whose tokens are read back while the device runs the new one; the new step
+        decodes the pending tokens from the device. Any other step first resolves the one in flight. A
+        sequence that the resolved tokens finish has already been launched once more: that token is
+        dropped, and its KV, written in stream order before any later use of the blocks, is never read."""
+        ahead = self.config.overlaps_steps and plan is None and self.scheduler.can_schedule_ahead()
+        if not ahead:
+            deltas = self._resolve_in_flight()
+            out = self.scheduler.schedule()
+            if not out.chunks:
+                return deltas
+            step = self._launch(out, plan(out) if plan else None, previous=None)
+            return deltas + self._deltas(step.seqs, self.runner.resolve(step))
         out = self.scheduler.schedule()
-        if not out.chunks:
-            return []
+        if not out.chunks:  # every running sequence has its last token in flight
+            return self._resolve_in_flight()
+        step = self._launch(out, None, previous=self.in_flight)
+        for seq in step.seqs:
+            seq.num_pending_tokens += 1
+        deltas = self._resolve_in_flight()
+        self.in_flight = step
+        return deltas
+
+    def _launch(
+        self, out: SchedulerOutput, hook: KVHook | None, previous: LaunchedStep | None
+    ) -> LaunchedStep:
         started = time.time()
         for chunk in out.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = started
         tables = [self.blocks.block_table(c.seq.request_id) for c in out.chunks]
-        sampled = self.runner.execute(out, tables, plan(out) if plan else None)
+        step = self.runner.launch(out, tables, hook, previous)
         self.scheduler.advance(out)
-        sampling = [c.seq for c in out.chunks if c.samples]
+        return step
+
+    def _resolve_in_flight(self) -> list[TokenDelta]:
+        step, self.in_flight = self.in_flight, None
+        if step is None:
+            return []
+        for seq in step.seqs:
+            seq.num_pending_tokens -= 1
+        return self._deltas(step.seqs, self.runner.resolve(step))
+
+    def _deltas(self, seqs: list[Sequence], sampled: SampledTokens) -> list[TokenDelta]:
+        """Append each sequence's sampled token; a sequence finished meanwhile (aborted, or stopped by its
+        previous token while this one was in flight) drops it."""
         now = time.time()
         deltas = []
-        for i, seq in enumerate(sampling):
+        for i, seq in enumerate(seqs):
+            if seq.is_finished:
+                continue
             logprob = sampled.logprobs[i] if sampled.logprobs is not None else None
             deltas.append(self._append(seq, sampled.token_ids[i], logprob, now))
         return deltas

@@ -1,6 +1,12 @@
 """Turns a SchedulerOutput into tensors, runs the model, samples. Owns the model and the KV cache.
 
-A step is serial, so the host time spent preparing it is time the GPU idles. The step's small integer
+A step's host work (scheduling, preparing inputs, reading back tokens) is time the GPU idles unless the
+next step is launched before the current one resolves (async scheduling, see LLMEngine.step): `launch`
+queues a step's forward and sampling and starts copying its tokens back without waiting; `resolve` waits
+for them. A step launched while another is unresolved takes the input ids of the sequences whose tokens
+are still pending from that step's device tensor of sampled tokens.
+
+The step's small integer
 inputs (token ids, positions, slots, sequence bounds, KV lengths, sampled rows, block tables) are computed
 with numpy, per sequence rather than per token where the step is a decode, into one host buffer that
 reaches the device in one copy; the tensors the forward reads are views of it. When the step will replay a
@@ -20,7 +26,7 @@ from engine.cuda_graphs import DecodeGraphs, decode_input_fields, packed_offsets
 from engine.forward_context import AttentionMetadata, KVHook, forward_context
 from engine.kv_cache import PagedKVCache
 from engine.model import LlamaForCausalLM
-from engine.sampler import SamplingBatch, argmax_suffices, sample
+from engine.sampler import SamplerOutput, SamplingBatch, argmax_suffices, sample
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 
@@ -42,6 +48,52 @@ class StepInputs:
 class SampledTokens:
     token_ids: list[int]  # one per sampling chunk, in chunk order
     logprobs: list[float] | None
+
+
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step queued on the device: its sampled tokens are known there, and on their way to the host."""
+
+    seqs: list[Sequence]  # the sampling sequences, in row order
+    token_ids: torch.Tensor  # [S] int64 on the device: a step launched before this one resolves reads these
+    host_token_ids: torch.Tensor  # [S] the same, landing in host memory
+    host_logprobs: torch.Tensor | None  # [S] fp32, when some sequence asked for logprobs
+    landed: torch.cuda.Event | None  # recorded after the copies to the host (None: already there, on CPU)
+
+    @functools.cached_property
+    def rows(self) -> dict[int, int]:
+        """id(sequence) -> its row of token_ids."""
+        return {id(seq): row for row, seq in enumerate(self.seqs)}
+
+
+LandedCopies = tuple[torch.Tensor, torch.Tensor | None, torch.cuda.Event | None]
+
+
+class TokenLanding:
+    """Pinned host buffers that sampled tokens are copied into without a wait, in turn: a buffer is written
+    again only `depth` steps later, and a step is resolved at most one step after the next is launched."""
+
+    def __init__(self, device: torch.device, depth: int = 3) -> None:
+        self.device = device
+        self.buffers: list[torch.Tensor | None] = [None] * depth
+        self.turn = 0
+
+    def send(self, token_ids: torch.Tensor, logprobs: torch.Tensor | None) -> LandedCopies:
+        if self.device.type != "cuda":
+            return token_ids, logprobs, None
+        self.turn = (self.turn + 1) % len(self.buffers)
+        n, buffer = token_ids.shape[0], self.buffers[self.turn]
+        if buffer is None or buffer.shape[1] < n:
+            buffer = self.buffers[self.turn] = torch.empty(2, max(n, 64), dtype=torch.int64, pin_memory=True)
+        host_ids = buffer[0, :n]
+        host_ids.copy_(token_ids, non_blocking=True)
+        host_logprobs = None
+        if logprobs is not None:
+            host_logprobs = buffer[1].view(torch.float32)[:n]
+            host_logprobs.copy_(logprobs, non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        return host_ids, host_logprobs, landed
 
 
 def slots_for(table: Seq[int], start: int, num_tokens: int, block_size: int) -> list[int]:
@@ -138,17 +190,19 @@ class BlockTableMirror:
 
 @functools.lru_cache(maxsize=64)  # decode steps repeat a few shapes for many steps
 def step_layout(
-    rows: int, kv_rows: int, num_seqs: int, num_sampled: int, width: int
+    rows: int, kv_rows: int, num_seqs: int, num_sampled: int, width: int, num_forwarded: int = 0
 ) -> tuple[tuple[tuple[int, torch.dtype], ...], tuple[int, ...]]:
     """The (numel, dtype) fields of a step's packed inputs, and their byte offsets (see packed_offsets):
     input ids, positions, slots (rows each) and KV lengths (kv_rows), in the layout a decode graph reads;
-    then cu_seqlens_q, sample rows and the block tables, flat. Rows past the step's own are padding."""
+    then cu_seqlens_q, sample rows and the block tables, flat; then the rows whose input ids come from the
+    previous step followed by their rows there. Rows past the step's own are padding."""
     fields = (
         *decode_input_fields(rows)[:3],
         (kv_rows, torch.int32),
         (num_seqs + 1, torch.int32),
         (num_sampled, torch.int64),
         (num_seqs * width, torch.int32),
+        (2 * num_forwarded, torch.int64),
     )
     return fields, tuple(packed_offsets(fields))
 
@@ -163,6 +217,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.staging = HostStaging(device)
         self.mirror = BlockTableMirror()
+        self.landing = TokenLanding(device)
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """CUDA only: capture the decode forward; pure-decode steps that fit replay it from now on."""
@@ -170,24 +225,44 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, max_num_seqs, -(-max_model_len // self.block_size))
 
     def prepare(
-        self, chunks: Seq[ScheduledChunk], tables: Seq[Seq[int]], kv_hook: KVHook | None = None
+        self,
+        chunks: Seq[ScheduledChunk],
+        tables: Seq[Seq[int]],
+        kv_hook: KVHook | None = None,
+        previous: LaunchedStep | None = None,
     ) -> StepInputs:
         """The step's input tensors. tables[i] is chunks[i]'s block table; a table passed to an earlier
-        step as the same object must only have grown at its end since (see BlockTableMirror)."""
+        step as the same object must only have grown at its end since (see BlockTableMirror). A sequence
+        with a pending token decodes it: its input id is taken on the device from `previous`, the step
+        that sampled it."""
         num_seqs = len(chunks)
         is_decode = all(c.num_tokens == 1 for c in chunks)
+        rows, from_rows = forwarded_rows(chunks, previous)
+        assert is_decode or not rows, "a pending token can only be decoded, not prefilled"
         num_tokens = num_seqs if is_decode else sum(c.num_tokens for c in chunks)
         width = max(map(len, tables), default=0) or 1
         padded = None
         if self.graphs is not None and is_decode and kv_hook is None:
             padded = self.graphs.padded_size(num_seqs, width)
         sampled = [i for i, c in enumerate(chunks) if c.samples]
-        fields, offsets = step_layout(padded or num_tokens, padded or num_seqs, num_seqs, len(sampled), width)
+        in_order = previous is not None and rows == from_rows == list(range(len(previous.seqs)))
+        num_forwarded = 0 if in_order else len(rows)
+        fields, offsets = step_layout(
+            padded or num_tokens, padded or num_seqs, num_seqs, len(sampled), width, num_forwarded
+        )
         host, host_array = self.staging.take(offsets[-1])
-        self._fill(_numpy_unpack(host_array, fields, offsets), chunks, tables, width, num_tokens, sampled)
+        arrays = _numpy_unpack(host_array, fields, offsets)
+        self._fill(arrays[:7], chunks, tables, width, num_tokens, sampled)
+        arrays[7][:] = rows + from_rows if num_forwarded else []
         packed = self.staging.to_device(host)
         views = unpack(packed, fields, offsets)
-        input_ids, positions, slots, kv_lens, cu_seqlens, sample_rows, block_tables = views
+        input_ids, positions, slots, kv_lens, cu_seqlens, sample_rows, block_tables, forwarded = views
+        if in_order:  # every row decodes the token the previous step sampled in the same row
+            assert previous is not None
+            input_ids[: len(rows)].copy_(previous.token_ids)
+        elif rows:
+            assert previous is not None
+            input_ids.index_copy_(0, forwarded[: len(rows)], previous.token_ids[forwarded[len(rows) :]])
         if padded:  # the forward outside the graph, and the caller, see the step's rows only
             input_ids, positions, slots = input_ids[:num_tokens], positions[:num_tokens], slots[:num_tokens]
             kv_lens = kv_lens[:num_seqs]
@@ -226,7 +301,8 @@ class ModelRunner:
             input_ids, positions, slots, kv_lens = input_ids[:t], positions[:t], slots[:t], kv_lens[:n]
         starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
         if t == n:  # one token per sequence (a decode step): row i is sequence i at its start
-            input_ids[:] = [c.seq.token_at(c.start) for c in chunks]
+            # (a pending token's row is written on the device, from the step that sampled it)
+            input_ids[:] = [0 if c.seq.num_pending_tokens else c.seq.token_at(c.start) for c in chunks]
             positions[:] = starts
             np.add(starts, 1, out=kv_lens)
             cu_seqlens[:] = np.arange(n + 1)
@@ -257,29 +333,61 @@ class ModelRunner:
         return self.model.compute_logits(hidden if inputs.samples_every_row else hidden[inputs.sample_rows])
 
     @torch.inference_mode()
+    def launch(
+        self,
+        out: SchedulerOutput,
+        tables: Seq[Seq[int]],
+        kv_hook: KVHook | None = None,
+        previous: LaunchedStep | None = None,
+    ) -> LaunchedStep:
+        """Queue the step's forward and sampling, and the copy of its tokens to the host; no waiting."""
+        inputs = self.prepare(out.chunks, tables, kv_hook, previous)
+        logits = self.forward_logits(inputs)
+        seqs = [c.seq for c in out.chunks if c.samples]
+        sampled = self.sample(logits, seqs)
+        host_ids, host_logprobs, landed = self.landing.send(sampled.token_ids, sampled.logprobs)
+        return LaunchedStep(seqs, sampled.token_ids, host_ids, host_logprobs, landed)
+
+    @staticmethod
+    def resolve(step: LaunchedStep) -> SampledTokens:
+        """The step's tokens on the host: waits for the step to finish."""
+        if step.landed is not None:
+            step.landed.synchronize()
+        logprobs = step.host_logprobs.tolist() if step.host_logprobs is not None else None
+        return SampledTokens(step.host_token_ids.tolist(), logprobs)
+
     def execute(
         self, out: SchedulerOutput, tables: Seq[Seq[int]], kv_hook: KVHook | None = None
     ) -> SampledTokens:
-        inputs = self.prepare(out.chunks, tables, kv_hook)
-        logits = self.forward_logits(inputs)
-        return self.sample(logits, [c.seq for c in out.chunks if c.samples])
+        return self.resolve(self.launch(out, tables, kv_hook))
 
-    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SampledTokens:
-        """One token for each sequence from its row of logits [S, V]; the step's one device-to-host sync."""
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
+        """One token for each sequence from its row of logits [S, V], on the device. A sequence's sampling
+        step counts its pending tokens, so a seeded draw is the same whether or not the step ran ahead."""
         if not seqs:
-            return SampledTokens([], None)
+            return SamplerOutput(torch.empty(0, dtype=torch.int64, device=logits.device), None)
         params = [s.sampling for s in seqs]
         if argmax_suffices(params):  # what sample() would compute, without building its batch
-            return SampledTokens(logits.float().argmax(dim=-1).tolist(), None)
+            return SamplerOutput(logits.float().argmax(dim=-1), None)
         batch = SamplingBatch.build(
             params,
             seeds=[s.seed for s in seqs],
-            steps=[len(s.output_token_ids) for s in seqs],
+            steps=[s.num_output_tokens for s in seqs],
             device=self.device,
         )
-        result = sample(logits, batch)
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-        return SampledTokens(result.token_ids.tolist(), logprobs)
+        return sample(logits, batch)
+
+
+def forwarded_rows(chunks: Seq[ScheduledChunk], previous: LaunchedStep | None) -> tuple[list[int], list[int]]:
+    """The rows of a step whose sequences decode a pending token, and each one's row in `previous`."""
+    if previous is None:
+        return [], []
+    rows, from_rows = [], []
+    for row, chunk in enumerate(chunks):
+        if chunk.seq.num_pending_tokens:
+            rows.append(row)
+            from_rows.append(previous.rows[id(chunk.seq)])
+    return rows, from_rows
 
 
 def _numpy_unpack(

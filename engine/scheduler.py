@@ -75,6 +75,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running or budget == 0:
                 continue  # preempted by an older sequence this step, or out of budget
+            if seq.num_pending_tokens and self._at_length_limit(seq, seq.num_output_tokens, seq.num_tokens):
+                continue  # its last token is still on the device: nothing left to compute
             n = min(seq.num_uncomputed, budget, cap)
             while not self.blocks.reserve(seq.request_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
@@ -99,6 +101,25 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(chunks, preempted)
 
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the step in flight resolves (async scheduling):
+        nothing waits and every running sequence decodes one token into blocks free now, so the schedule
+        neither prefills nor preempts. A pending token's value is unknown here, so it can be neither part of
+        a prefill chunk nor recomputed after a preemption."""
+        if self.waiting:
+            return False
+        need = 0
+        for seq in self.running:
+            if seq.num_uncomputed != 1:
+                return False
+            have = len(self.blocks.block_table(seq.request_id))
+            need += max(0, self.blocks.blocks_for(seq.num_computed_tokens + 1) - have)
+        return need <= self.blocks.num_free_blocks
+
+    def _at_length_limit(self, seq: Sequence, num_output: int, num_tokens: int) -> bool:
+        """num_output generated tokens, num_tokens in all, are as many as max_tokens or the context allow."""
+        return num_output >= seq.sampling.max_tokens or num_tokens >= self.config.max_model_len
+
     def advance(self, output: SchedulerOutput) -> None:
         """The step ran: its chunks' KV is in the cache."""
         for chunk in output.chunks:
@@ -109,12 +130,13 @@ class Scheduler:
                 )
 
     def append_token(self, seq: Sequence, token_id: int, eos_token_ids: tuple[int, ...]) -> bool:
-        """Add a sampled token; True if that finishes the sequence."""
+        """Add a sampled token; True if that finishes the sequence. Tokens still pending do not count: the
+        limits are checked on the known ones, each in its turn."""
         seq.output_token_ids.append(token_id)
         params = seq.sampling
         if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in eos_token_ids):
             self.finish(seq, FinishReason.STOP)
-        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        elif self._at_length_limit(seq, len(seq.output_token_ids), seq.num_tokens - seq.num_pending_tokens):
             self.finish(seq, FinishReason.LENGTH)
         return seq.is_finished
 

@@ -24,6 +24,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # Tokens sampled by steps still running on the device (async scheduling): counted in num_tokens, so the
+    # next step can be scheduled, but their values are not known here until the step resolves.
+    num_pending_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
@@ -31,10 +34,16 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Sampled so far, the pending ones included."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The known tokens (pending ones excluded)."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
@@ -46,5 +55,6 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     def token_at(self, position: int) -> int:
+        """A known token (not a pending one)."""
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]

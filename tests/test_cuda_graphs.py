@@ -212,8 +212,11 @@ def test_runner_sampling_equals_the_sampler_and_skips_the_batch_when_all_greedy(
     monkeypatch.setattr(SamplingBatch, "build", counted_build)
     got = runner.sample(logits, seqs)
     assert bool(built) == builds
-    assert got.token_ids == want.token_ids.tolist()
-    assert got.logprobs == (want.logprobs.tolist() if want.logprobs is not None else None)
+    assert got.token_ids.tolist() == want.token_ids.tolist()
+    if want.logprobs is None:
+        assert got.logprobs is None
+    else:
+        assert got.logprobs is not None and got.logprobs.tolist() == want.logprobs.tolist()
 
 
 # ---- GPU ----
