@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import DeploymentConfig
 from decode.worker import DecodeWorker
+from engine.kv_transfer import ChannelSpec
 from engine.llm_engine import EngineConfig
 from engine.messages import LoadReport, TransferSettings, WorkerSpec
 from prefill.worker import PrefillWorker
@@ -43,7 +44,7 @@ class Controller:
         self.config = config
         self.pools: dict[str, Pool] = {}
         self.loads: dict[str, LoadReport] = {}
-        self._channels: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._channels: dict[tuple[str, str], asyncio.Task[ChannelSpec]] = {}
         self._started_ray = False
         self._watch: asyncio.Task[None] | None = None
 
@@ -180,11 +181,20 @@ class Controller:
             self._channels[pair] = task
         await asyncio.shield(task)
 
-    async def _open_channel(self, prefill_id: str, decode_id: str) -> None:
-        spec = await self.decode(decode_id).open_receiver.remote(prefill_id)
+    async def _open_channel(self, prefill_id: str, decode_id: str) -> ChannelSpec:
+        spec: ChannelSpec = await self.decode(decode_id).open_receiver.remote(prefill_id)
         await self.prefill(prefill_id).open_sender.remote(decode_id, spec)
+        return spec
+
+    def channel(self, prefill_id: str, decode_id: str) -> ChannelSpec | None:
+        """The pair's open channel; None while none is (never opened, still opening, failed or forgotten)."""
+        task = self._channels.get((prefill_id, decode_id))
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result()
 
     def forget_channel(self, prefill_id: str, decode_id: str) -> None:
+        """The pair's channel broke: the next request on the pair opens a new one."""
         self._channels.pop((prefill_id, decode_id), None)
 
     def start_watching(self, period_s: float = 0.5) -> None:

@@ -62,6 +62,8 @@ class DisaggregatedBackend(GenerationBackend):
             if channel_failed(first.error):  # the pair's channel broke: the next request opens a new one
                 self.controller.forget_channel(p, d)
             finished = first.finished
+            if finished:  # done (or failed) at prefill: free the decode reservation now, not at its deadline
+                self.controller.decode(d).abort.remote(rid)
             if first.queue_s is not None:
                 self.report_timing(Phase.QUEUE, first.queue_s)
             yield first

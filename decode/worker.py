@@ -94,16 +94,23 @@ class DecodeWorker:
                 self.spec.transfer.layers_per_message,
                 on_layers=self._on_layers,
                 on_step=self._on_step,
-                on_error=lambda e: self._on_channel_error(prefill_id, e),
+                on_error=lambda e: self._on_channel_error(prefill_id, receiver, e),
             )
-            old = self.receivers.pop(prefill_id, None)
-            if old is not None:
-                old.stop()
-            self.receivers[prefill_id] = receiver
-            receiver.start()
+            self.thread.submit(partial(self._add_receiver, prefill_id, receiver))
 
         threading.Thread(target=start, name=f"kv-connect-{name}", daemon=True).start()
         return listener.spec
+
+    async def drop_channel(self, prefill_id: str) -> bool:
+        """Close the KV channel from prefill_id as a failure would: a fault-injection and maintenance hook
+        (e.g. to make a pair reconnect). Reservations waiting on it fail; the prefill side finds the
+        channel broken on its next send, fails that step's requests, and the controller opens a new
+        channel for the pair's next request. False when no channel from prefill_id was open."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        drop = partial(self._drop_channel, prefill_id, None, f"KV channel from {prefill_id} was dropped")
+        self.thread.submit(lambda: deliver(loop, done.set_result, drop()))
+        return await done
 
     async def reserve(self, request: GenerateRequest, prefill_id: str) -> bool:
         """Reserve blocks for the prompt and its first token; False on back-pressure."""
@@ -150,6 +157,29 @@ class DecodeWorker:
             receiver.stop()
 
     # ---- engine thread ----
+
+    def _add_receiver(self, prefill_id: str, receiver: KVStreamReceiver) -> None:
+        old = self.receivers.pop(prefill_id, None)
+        if old is not None:
+            old.stop()
+        self.receivers[prefill_id] = receiver
+        receiver.start()  # here, so an error it reports is handled after it was registered
+
+    def _drop_channel(self, prefill_id: str, receiver: KVStreamReceiver | None, reason: str) -> bool:
+        """Stop the channel from prefill_id (`receiver`, or the current one) and fail the reservations
+        waiting on it. A receiver that a newer channel already replaced is only stopped: its requests
+        failed when the prefill side reported the channel broken, and the reservations from prefill_id
+        now wait on the new channel."""
+        current = self.receivers.get(prefill_id)
+        receiver = current if receiver is None else receiver
+        if receiver is None:
+            return False
+        receiver.stop()
+        if receiver is current:
+            del self.receivers[prefill_id]
+            for rid in [rid for rid, r in self._reserved.items() if r.prefill_id == prefill_id]:
+                self._finish(rid, FinishReason.ERROR, reason)
+        return True
 
     def _reserve(self, request: GenerateRequest, prefill_id: str) -> bool:
         rid = request.request_id
@@ -278,15 +308,13 @@ class DecodeWorker:
         for rid in landed:
             self.thread.submit(partial(self._activate_if_ready, rid))
 
-    def _on_channel_error(self, prefill_id: str, error: Exception) -> None:
+    def _on_channel_error(self, prefill_id: str, receiver: KVStreamReceiver, error: Exception) -> None:
         log.error("KV channel %s -> %s failed: %s", prefill_id, self.spec.worker_id, error)
 
-        def fail() -> None:
-            self.receivers.pop(prefill_id, None)
-            for rid in [rid for rid, r in self._reserved.items() if r.prefill_id == prefill_id]:
-                self._finish(rid, FinishReason.ERROR, f"KV transfer from {prefill_id} failed: {error}")
+        def drop() -> None:
+            self._drop_channel(prefill_id, receiver, f"KV transfer from {prefill_id} failed: {error}")
 
-        self.thread.submit(fail)
+        self.thread.submit(drop)
 
 
 def _node_ip() -> str:
