@@ -107,8 +107,13 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         token_ids = greedy_ids
     else:
         race = _compiled_race() if logits.is_cuda else _exponential_race
-        counter = _counters(logits.shape[-1], logits.device)
-        random_ids = race(_masked_scaled_logits(logits, batch), batch.seeds, batch.steps, counter)
+        # The compiled race is guarded on the grad mode and on whether its inputs are inference tensors:
+        # called in another mode, or on tensors made in another mode, than at its warm-up, it would
+        # recompile mid-serving (seconds; found in the disagg bench). So: always inference mode and tensors.
+        with torch.inference_mode():
+            seeds, steps = (t if t.is_inference() else t.clone() for t in (batch.seeds, batch.steps))
+            counter = _counters(logits.shape[-1], logits.device)
+            random_ids = race(_masked_scaled_logits(logits, batch), seeds, steps, counter)
         token_ids = torch.where(batch.temperature == 0.0, greedy_ids, random_ids)
     logprobs = _chosen_logprobs(logits, token_ids) if batch.want_logprobs else None
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs)

@@ -47,6 +47,7 @@ class PrefillWorker:
         self._broken: set[str] = set()
         self.served = 0  # requests whose first token this worker produced
         self._plan_s = 0.0  # time the last step spent beginning its KV steps (posting their headers)
+        self._step_shape = (0, 0)  # the last step's sequences and tokens
         self._deferred: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
         self.stream_layers = spec.transfer.stream_layers
         self.thread = EngineThread(f"prefill-{spec.worker_id}", self._step)
@@ -173,9 +174,9 @@ class PrefillWorker:
         if (took := time.perf_counter() - started) > SLOW_STEP_S:
             log.warning(
                 "slow prefill step: %.0f ms (KV step headers %.0f, schedule + forward + sampling %.0f, "
-                "deferred sends + end %.0f), %d first tokens",
+                "deferred sends + end %.0f), %d sequences, %d tokens, %d first tokens",
                 took * 1e3, self._plan_s * 1e3, (stepped - started - self._plan_s) * 1e3,
-                (took - (stepped - started)) * 1e3, len(deltas),
+                (took - (stepped - started)) * 1e3, *self._step_shape, len(deltas),
             )  # fmt: skip
         for delta in deltas:
             p = self.pending.get(delta.request_id)
@@ -200,6 +201,7 @@ class PrefillWorker:
     def _plan_transfers(self, out: SchedulerOutput) -> KVHook | None:
         """Begin one KV step per destination channel; return the hook that sends each layer."""
         started = time.perf_counter()
+        self._step_shape = (len(out.chunks), out.num_tokens)
         try:
             return self._begin_transfers(out)
         finally:

@@ -17,6 +17,7 @@ from engine.sampler import (
     mix64,
     sample,
     unit_interval,
+    warm_up,
 )
 
 CPU = torch.device("cpu")
@@ -362,3 +363,24 @@ def test_cuda_draws_the_same_tokens_as_cpu() -> None:
     on_cpu = sample(logits, make_batch(params, seeds, steps))
     on_gpu = sample(logits.to(cuda), make_batch(params, seeds, steps, cuda))
     assert torch.equal(on_cpu.token_ids, on_gpu.token_ids.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_after_warm_up_the_cuda_sampler_never_recompiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serving samples any number of rows, in inference mode (the workers' steps) or not: after the engine's
+    warm-up none of that may compile again (a compile mid-serving stalled a prefill worker for seconds)."""
+    import torch._dynamo.config
+
+    cuda = torch.device("cuda")
+    warm_up(512, cuda)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    modes = (torch.inference_mode, torch.no_grad, torch.enable_grad)
+    for rows in (1, 2, 3, 7, 64):
+        params = [SamplingParams(temperature=1.0)] * rows
+        for mode in modes:
+            with mode():
+                out = sample(
+                    torch.randn(rows, 512, device=cuda), make_batch(params, [1] * rows, [0] * rows, cuda)
+                )
+            assert out.token_ids.shape == (rows,)
