@@ -44,6 +44,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def result_path(name: str, device: str | None = None) -> Path:
+    """bench/results/<name>-<device>.json, the device being this host's GPU (or CPU) unless given."""
+    return RESULTS_DIR / f"{name}-{_slug(device or result_header()['device'])}.json"
+
+
 def _versions() -> dict[str, str | None]:
     try:
         import triton
@@ -85,7 +90,7 @@ def write_result(
     }
     print(format_table(rows))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{_slug(doc['device'])}.json"
+    path = result_path(name, doc["device"])
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {path}")
     return path

@@ -16,6 +16,7 @@ if [ "$what" != tests ]; then
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-')
   timeout 200 python3 -m bench.sweep_prefill_attention --out "$OUT/sweep_prefill_attention-$gpu.json" 2>&1 | tail -8
   timeout 200 python3 -m bench.sweep_decode_attention --out "$OUT/sweep_decode_attention-$gpu.json" 2>&1 | tail -8
+  timeout 400 python3 -m bench.triton_attention_ceiling --out "$OUT/triton_attention_ceiling-$gpu.json" 2>&1 | tail -15
   timeout 200 python3 -m bench.gpu_kernels 2>&1 | tee "$OUT/gpu_kernels.log" | tail -15
   timeout 300 python3 -m bench.gpu_engine 2>&1 | tee "$OUT/gpu_engine.log" | tail -15
   timeout 150 python3 -m bench.kv_transfer 2>&1 | tee "$OUT/kv_transfer.log" | tail -15

@@ -81,6 +81,7 @@ class DecodeSection:
     kv_cache_gib: float = 1.0
     gpu_memory_fraction: float = 0.85
     block_size: int = 16  # KV block size of both pools: a handoff lands block for block
+    async_scheduling: bool = True  # GPU workers launch a decode step before the last one's tokens land
 
     @property
     def on_gpu(self) -> bool:
@@ -291,6 +292,7 @@ class _DecodeSpec(_Spec):
     kv_cache_gib: _PositiveFloat = DecodeSection.kv_cache_gib
     gpu_memory_fraction: _Fraction = DecodeSection.gpu_memory_fraction
     block_size: Annotated[int, AfterValidator(_power_of_two)] = DecodeSection.block_size
+    async_scheduling: StrictBool = DecodeSection.async_scheduling
 
 
 class _TransportSpec(_Spec):

@@ -128,6 +128,8 @@ class Controller:
             else max(cfg.decode.max_batch, 512),
             chunk_size=cfg.prefill.chunk_size if role == "prefill" else None,
             cuda_graphs=role == "decode",  # prefill workers never run decode steps
+            # (and never run ahead: each step's KV goes out through its plan)
+            async_scheduling=role == "decode" and on_gpu and cfg.decode.async_scheduling,
             max_model_len=cfg.model.max_model_len,
             load_progress=False,
         )
