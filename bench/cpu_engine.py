@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
+from bench.hf_reference import hf_greedy_generate
 from bench.results import Row, write_result
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.loader import embedded_model_path
@@ -56,15 +57,7 @@ def hf(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> Run
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
 
     def run() -> None:
-        with torch.inference_mode():
-            model.generate(  # type: ignore[operator]  # (transformers types it as a Tensor attribute)
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
+        hf_greedy_generate(model, ids, new_tokens)
 
     return run
 

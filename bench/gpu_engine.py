@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from bench.ceilings import against_target, copy_bandwidth, matmul_rate
+from bench.hf_reference import hf_greedy_generate
 from bench.results import Row, write_result
 from engine.config import ModelConfig
 from engine.llm_engine import EngineConfig, LLMEngine, load_model
@@ -138,19 +139,7 @@ def ours_generate(engine: LLMEngine, prompts: list[list[int]]) -> Callable[[int]
 
 def hf_generate(model: torch.nn.Module, prompts: list[list[int]]) -> Callable[[int], object]:
     ids = torch.tensor(prompts, device="cuda")  # equal lengths: no padding
-
-    @torch.inference_mode()
-    def run(n: int) -> object:
-        return model.generate(  # type: ignore[operator]
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        )
-
-    return run
+    return lambda n: hf_greedy_generate(model, ids, n)
 
 
 def hf_model(config: ModelConfig) -> torch.nn.Module:

@@ -102,7 +102,7 @@ def batch_rows(engine: LLMEngine, batch: int, reps: int, steps: int) -> list[Row
     logits = torch.randn(batch, TINY.vocab_size, device=device)
     parts = {
         "prepare": host_micros(lambda: runner.prepare(out.chunks, tables), reps, sync),
-        "sample": host_micros(lambda: runner.sample(logits, seqs), reps, sync),
+        "sample": host_micros(lambda: runner.sample(logits, seqs).token_ids.tolist(), reps, sync),
     }
     graphs = runner.graphs
     if graphs is not None:

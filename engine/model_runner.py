@@ -238,11 +238,6 @@ class ModelRunner:
         logprobs = step.host_logprobs.tolist() if step.host_logprobs is not None else None
         return SampledTokens(step.host_token_ids.tolist(), logprobs)
 
-    def execute(
-        self, out: SchedulerOutput, tables: Seq[Seq[int]], kv_hook: KVHook | None = None
-    ) -> SampledTokens:
-        return self.resolve(self.launch(out, tables, kv_hook))
-
     def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
         """One token for each sequence from its row of logits [S, V], on the device. A sequence's sampling
         step counts its pending tokens, so a seeded draw is the same whether or not the step ran ahead."""

