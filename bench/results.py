@@ -70,16 +70,19 @@ def result_header() -> dict[str, Any]:
 
 
 def write_result(
-    name: str, rows: list[Row], extra: dict[str, Any] | None = None, compare: tuple[str, str] | None = None
+    name: str,
+    rows: list[Row],
+    extra: dict[str, Any] | None = None,
+    compare: tuple[tuple[str, ...], str] | None = None,
 ) -> Path:
-    """Print the table and write the JSON; with compare=(ours, peer), each of our rows gets the peer's
-    figure of the same name as its ceiling."""
+    """Print the table and write the JSON; with compare=((ours, ...), peer), each row of our systems gets
+    the peer's figure of the same name as its ceiling."""
     if compare is not None:
         ours, peer = compare
         peer_value = {r.name: r.value for r in rows if r.system == peer}
         rows = [
             Row(r.name, r.value, r.unit, peer_value.get(r.name), r.system, f"vs {peer}")
-            if r.system == ours
+            if r.system in ours
             else r
             for r in rows
         ]

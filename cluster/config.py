@@ -44,6 +44,8 @@ class ModelSection:
     name: str | None = None  # served model name; default: served_name derives it from the path
     dtype: Dtype = "auto"
     max_model_len: int | None = None  # default: the model's own
+    # CPU fp32 workers: GGUF Q4_0/Q4_1/Q8_0 projections also keep their blocks for decode-sized products
+    cpu_quantized_weights: bool = True
 
     @property
     def served_name(self) -> str:
@@ -273,6 +275,7 @@ class _ModelSpec(_Spec):
     name: _NonEmpty | None = ModelSection.name
     dtype: Dtype = ModelSection.dtype
     max_model_len: _PositiveInt | None = ModelSection.max_model_len
+    cpu_quantized_weights: StrictBool = ModelSection.cpu_quantized_weights
 
 
 class _PrefillSpec(_Spec):

@@ -131,6 +131,7 @@ class Controller:
             # (and never run ahead: each step's KV goes out through its plan)
             async_scheduling=role == "decode" and on_gpu and cfg.decode.async_scheduling,
             max_model_len=cfg.model.max_model_len,
+            cpu_quantized_weights=cfg.model.cpu_quantized_weights,
             load_progress=False,
         )
 

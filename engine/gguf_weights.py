@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from engine.config import ModelConfig, RopeScaling
+from kernels.quantized_linear import BLOCK, QuantizedWeight
 
 _Q = GGMLQuantizationType
 # Types whose dequantization the tests check against an independent numpy reference.
@@ -116,6 +117,74 @@ def open_weights(path: Path, config: ModelConfig) -> tuple[int, Iterator[tuple[s
     return len(tensors), (_convert(t, config, arch) for t in tensors)
 
 
+# Types whose blocks the CPU can multiply without dequantizing (kernels.quantized_linear): bytes per block.
+QUANTIZED_KERNEL_TYPES = {_Q.Q4_0: 18, _Q.Q4_1: 20, _Q.Q8_0: 34}
+_LINEAR_WEIGHTS = re.compile(
+    r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight|output\.weight|token_embd\.weight"
+)
+
+
+def open_quantized_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, QuantizedWeight]]:
+    """The projection weights (and the output head or the tied embedding) stored in a block type the
+    quantized kernel takes, under HF names, still quantized; Q/K rows unpermuted like the dense ones."""
+    reader = open_gguf(path)
+    arch = _architecture(str(_required(reader, "general.architecture")))
+    for t in reader.tensors:
+        if t.tensor_type in QUANTIZED_KERNEL_TYPES and _LINEAR_WEIGHTS.fullmatch(t.name):
+            name = hf_name(t.name)
+            yield name, _unpermuted(quantized_blocks(t), name, config, arch)
+
+
+def quantized_blocks(t: ReaderTensor) -> QuantizedWeight:
+    """A Q4_0, Q4_1 or Q8_0 tensor's blocks, split into codes and fp32 scales (and offsets)."""
+    rows, cols = _shape(t)
+    if cols % BLOCK:
+        raise ValueError(f"tensor {t.name!r}: {cols} columns is not a whole number of {BLOCK}-weight blocks")
+    return split_blocks(np.asarray(t.data), t.tensor_type, rows, cols)
+
+
+def split_blocks(data: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int) -> QuantizedWeight:
+    """Raw Q4_0 / Q4_1 / Q8_0 blocks (fp16 scale, [fp16 min,] codes) of a [rows, cols] weight.
+
+    Q4_0's weight d * (q - 8) becomes offset -8 d: d * q is exact in fp32, and so is d * q - 8 d, which
+    equals d * (q - 8), so the weights stay equal to gguf-py's."""
+    raw = (
+        np.ascontiguousarray(data).view(np.uint8).reshape(rows, cols // BLOCK, QUANTIZED_KERNEL_TYPES[qtype])
+    )
+
+    def fp16_field(at: int) -> torch.Tensor:
+        return torch.from_numpy(raw[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32))
+
+    scales = fp16_field(0)
+    if qtype == _Q.Q8_0:
+        return QuantizedWeight(8, torch.from_numpy(raw[..., 2:].copy()), scales, None)
+    if qtype == _Q.Q4_1:
+        return QuantizedWeight(4, torch.from_numpy(raw[..., 4:].copy()), scales, fp16_field(2))
+    return QuantizedWeight(4, torch.from_numpy(raw[..., 2:].copy()), scales, -8.0 * scales)
+
+
+def _unpermuted(w: QuantizedWeight, name: str, config: ModelConfig, arch: _Arch) -> QuantizedWeight:
+    heads = _permuted_heads(name, config, arch)
+    if heads is None:
+        return w
+
+    def rows(a: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(unpermute(a.numpy(), heads)))
+
+    return QuantizedWeight(
+        w.bits, rows(w.codes), rows(w.scales), None if w.offsets is None else rows(w.offsets)
+    )
+
+
+def _permuted_heads(name: str, config: ModelConfig, arch: _Arch) -> int | None:
+    """The head count whose rows llama.cpp permuted in this tensor, or None if it did not."""
+    if arch.permuted_qk and ".self_attn.q_proj." in name:
+        return config.num_heads
+    if arch.permuted_qk and ".self_attn.k_proj." in name:
+        return config.num_kv_heads
+    return None
+
+
 def hf_name(gguf_name: str) -> str:
     block = _BLOCK.fullmatch(gguf_name)
     key = f"blk.{{i}}.{block[2]}" if block else gguf_name
@@ -132,10 +201,9 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _convert(t: ReaderTensor, config: ModelConfig, arch: _Arch) -> tuple[str, torch.Tensor]:
     name = hf_name(t.name)
     w = dequantize(t.data, t.tensor_type).reshape(_shape(t))
-    if arch.permuted_qk and ".self_attn.q_proj." in name:
-        w = unpermute(w, config.num_heads)
-    elif arch.permuted_qk and ".self_attn.k_proj." in name:
-        w = unpermute(w, config.num_kv_heads)
+    heads = _permuted_heads(name, config, arch)
+    if heads is not None:
+        w = unpermute(w, heads)
     # F32 data comes back as a read-only view of the memory-mapped file; torch wants its own copy.
     return name, torch.from_numpy(w if w.flags.writeable else w.copy())
 

@@ -1,5 +1,5 @@
-"""nn.Linear with faster CPU paths for decode-sized batches: oneDNN on a weight packed once, and a
-column-major weight layout for single rows.
+"""nn.Linear with faster CPU paths for decode-sized batches: the GGUF file's own quantized blocks where the
+weight came from one, oneDNN on a weight packed once, and a column-major weight layout for single rows.
 
 On the 2-core CI host (torch 2.13, MKL 2024.2, AVX-512; fp32 SmolLM2 shapes), `F.linear` over
 SmolLM2's layers at 4 and 8 rows runs 1.1-2.5x slower (by layer shape; measured in isolation) than
@@ -16,10 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+from kernels.quantized_linear import QuantizedWeight
+
 MIN_PACKED_ROWS = 4
 MAX_PACKED_ROWS = 96
 PACK_HINT_ROWS = 8  # the row count oneDNN lays the packed weight out for: a typical decode batch
 _ONEDNN = torch.backends.mkldnn.is_available()
+# Up to this many rows the quantized kernel beats the fp32 product (CI host, SmolLM2 Q4_1: 2.5x at 8 rows,
+# 1.15x at 32, even near 48; decoding the blocks again for every 8 rows loses to MKL beyond that).
+MAX_QUANTIZED_ROWS = 32
 
 
 class Linear(nn.Linear):
@@ -29,13 +35,46 @@ class Linear(nn.Linear):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # (weight it was packed from, that weight's version counter, packed weight)
         self._packed: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        # (weight it equals, that weight's version counter, the same weight as quantized blocks)
+        self._quantized: tuple[torch.Tensor, int, QuantizedWeight] | None = None
+
+    def attach_quantized(self, quantized: QuantizedWeight) -> None:
+        """Serve small batches from `quantized`, which must dequantize to exactly this layer's weight: the
+        copy is dropped if the weight is later changed in place or replaced."""
+        if not torch.equal(quantized.dequantize(), self.weight.detach()):
+            raise ValueError("quantized weight does not dequantize to the layer's weight")
+        self._quantized = (self.weight, self.weight._version, quantized)
+
+    @property
+    def quantized(self) -> QuantizedWeight | None:
+        cached = self._quantized
+        if cached is None:
+            return None
+        if cached[0] is not self.weight or cached[1] != self.weight._version:
+            self._quantized = None
+            return None
+        return cached[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._takes_quantized_path(x):
+            assert self._quantized is not None
+            return kernels.quantized_linear(x, self._quantized[2], self.bias)
         if self._takes_packed_path(x):
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self._packed_weight(), self.bias, "none", [], ""
             )
         return F.linear(x, self.weight, self.bias)
+
+    def _takes_quantized_path(self, x: torch.Tensor) -> bool:
+        return (
+            self._quantized is not None
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.dim() == 2
+            and x.shape[0] <= MAX_QUANTIZED_ROWS
+            and not torch.is_grad_enabled()
+            and self.quantized is not None  # the weight is still the one the blocks came from
+        )
 
     def _takes_packed_path(self, x: torch.Tensor) -> bool:
         return (

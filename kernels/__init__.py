@@ -5,6 +5,7 @@ from kernels.decode_attention import decode_attention
 from kernels.kv_cache_write import store_kv_cache
 from kernels.merge_attn_states import merge_attn_states
 from kernels.prefill_attention import prefill_attention
+from kernels.quantized_linear import quantized_linear
 from kernels.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.rope import apply_rope
 
@@ -14,6 +15,7 @@ __all__ = [
     "fused_add_rms_norm",
     "merge_attn_states",
     "prefill_attention",
+    "quantized_linear",
     "rms_norm",
     "silu_and_mul",
     "store_kv_cache",

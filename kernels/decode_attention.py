@@ -3,17 +3,25 @@
 The LSE (natural log of the softmax denominator of the scaled scores) lets partial results over disjoint
 KV shards be merged exactly (kernels/merge_attn_states.py); a sequence with no cached tokens gets out = 0
 and lse = -inf, so an empty shard merges as nothing.
+
+Three paths: Triton on CUDA, a C kernel on the CPU for fp32 (csrc/decode_attention.c: reads the paged cache
+in place, where the reference first gathers every sequence's K/V into a padded copy and costs 4-8x more at
+decode sizes), and the torch reference otherwise.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels import native
+from kernels.dispatch import kernel_mode, use_triton
 from kernels.step_memo import StepMemo
 
 LOG2_E = 1.4426950408889634  # 1/ln 2: the kernels use exp2, so log2(e) is folded into the softmax scale
@@ -381,4 +389,81 @@ def decode_attention(
     """q [B, Hq, D] -> (out [B, Hq, D] in q.dtype, lse [B, Hq] fp32); kv_lens [B] int32 may hold zeros."""
     if use_triton(q):
         return decode_attention_triton(q, k_cache, v_cache, kv_lens, block_tables, scale, num_splits)
+    kernel = _NATIVE() if _takes_native_path(q, k_cache, kv_lens, block_tables) else None
+    if kernel is not None:
+        return decode_attention_native(kernel, q, k_cache, v_cache, kv_lens, block_tables, scale)
     return decode_attention_reference(q, k_cache, v_cache, kv_lens, block_tables, scale, num_splits)
+
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_NATIVE = functools.partial(
+    native.native_function,
+    "decode_attention",
+    "paged_decode_attention",
+    (
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        ctypes.c_float,
+        _ptr,
+        _ptr,
+        ctypes.c_int,
+    ),
+)
+
+
+def _takes_native_path(
+    q: torch.Tensor, k_cache: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor
+) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k_cache.dtype == torch.float32
+        and kv_lens.dtype == block_tables.dtype == torch.int32
+        and kernel_mode() == "auto"
+        and native.native_enabled()
+    )
+
+
+def decode_attention_native(
+    kernel: Callable[..., None],
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C kernel on CPU fp32 tensors: reads the cache through the block table in place."""
+    batch, q_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    q, kv_lens, block_tables = q.contiguous(), kv_lens.contiguous(), block_tables.contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    lse = torch.empty(batch, q_heads, dtype=torch.float32)
+    kernel(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        kv_lens.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.shape[1] if block_tables.dim() == 2 else 0,
+        batch,
+        q_heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        out.data_ptr(),
+        lse.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out, lse

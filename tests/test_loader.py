@@ -24,7 +24,11 @@ from transformers import (
 
 from engine import loader
 from engine.config import RopeScaling
+from engine.gguf_weights import QUANTIZED_KERNEL_TYPES
+from engine.linear import Linear
 from engine.loader import ModelLoadError, ModelSource, iter_weights, load_model_config, resolve_model
+from engine.messages import SamplingParams
+from tests.factories import make_engine, prefill_logits
 
 TINY: dict[str, Any] = dict(
     vocab_size=96,
@@ -388,6 +392,47 @@ def test_gguf_dequantization(tmp_path: Path, tiny_llama: PreTrainedModel, qtype:
             blocks = w.reshape(-1, 32)
             error = np.abs(got.reshape(-1, 32) - blocks)
             assert (error <= 1.01 * QUANT_STEP[qtype](blocks)[:, None] + 1e-6).all(), name
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0])
+def test_gguf_projections_keep_their_blocks_on_cpu(
+    tmp_path: Path, tiny_llama: PreTrainedModel, qtype: Q
+) -> None:
+    """Every projection of a Q4_0/Q4_1/Q8_0 file gets its blocks (fused Q/K/V and gate/up included; Q5_0 has
+    no kernel), and the engine's tokens and logits match the same file served from fp32 weights only."""
+    path = str(write_gguf(tmp_path / "q.gguf", tiny_llama, qtype=qtype))
+    quantized, dense = make_engine(path), make_engine(path, cpu_quantized_weights=False)
+    layers = [m for m in quantized.model.modules() if isinstance(m, Linear)]
+    assert len(layers) == 2 * 4 + 1
+    keeps_blocks = qtype in QUANTIZED_KERNEL_TYPES
+    assert all((layer.quantized is not None) == keeps_blocks for layer in layers)
+    assert not any(m.quantized is not None for m in dense.model.modules() if isinstance(m, Linear))
+
+    prompts = [list(range(3, 3 + n)) for n in (5, 11, 2, 17)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    ours, theirs = quantized.generate(prompts, params), dense.generate(prompts, params)
+    assert [s.output_token_ids for s in ours] == [s.output_token_ids for s in theirs]
+    for got, expected in zip(prefill_logits(quantized, prompts, 3), prefill_logits(dense, prompts, 3)):
+        # Two fp32 summation orders: within 2e-5 of the logits' scale (the random model's reach about 25).
+        torch.testing.assert_close(got, expected, atol=2e-5 * float(expected.abs().max()), rtol=0)
+    assert quantized.blocks.num_free_blocks == quantized.blocks.num_blocks
+
+
+def test_a_changed_weight_drops_its_quantized_copy(tmp_path: Path, tiny_llama: PreTrainedModel) -> None:
+    engine = make_engine(str(write_gguf(tmp_path / "q.gguf", tiny_llama, qtype=Q.Q8_0)))
+    layer, other = (engine.model.get_submodule(f"model.layers.{i}.mlp.down_proj") for i in (0, 1))
+    assert isinstance(layer, Linear) and isinstance(other, Linear)
+    blocks, other_blocks = layer.quantized, other.quantized
+    assert blocks is not None and other_blocks is not None
+    layer.attach_quantized(blocks.rows(0, layer.out_features))  # the same weight again: taken
+    with pytest.raises(ValueError, match="does not dequantize"):
+        layer.attach_quantized(other_blocks)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    assert layer.quantized is None
+    x = torch.randn(3, layer.in_features)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), x @ layer.weight.T)
 
 
 def test_gguf_llama3_rope_freqs_become_rope_scaling(tmp_path: Path, tiny_llama: PreTrainedModel) -> None:

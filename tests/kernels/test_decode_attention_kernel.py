@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 import pytest
 import torch
 
-from kernels.decode_attention import DecodeTileConfig, decode_attention_reference, decode_attention_triton
+from kernels.decode_attention import (
+    DecodeTileConfig,
+    decode_attention_native,
+    decode_attention_reference,
+    decode_attention_triton,
+)
 from tests.kernels.helpers import Target, make_paged_kv, naive_attention
+
+# The module, not the function `kernels` re-exports under the same name.
+decode_attention_module = importlib.import_module("kernels.decode_attention")
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 CPU_FP32 = Target("cpu", torch.float32, atol=1e-5, rtol=1e-5)
@@ -118,3 +129,49 @@ def test_kernel_launch_configs_real_shape(gpu_target: Target, config: DecodeTile
 def test_launch_config_rejects_bad_shapes(shape: tuple[int, int, int, int]) -> None:
     with pytest.raises(AssertionError):
         DecodeTileConfig(*shape)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 24])  # 24: not a multiple of the 16-lane vectors
+@pytest.mark.parametrize(("q_heads", "k_heads"), GQA)
+@pytest.mark.parametrize("block_size", [1, 8, 16])
+def test_native_cpu_kernel_matches_reference(
+    q_heads: int, k_heads: int, head_dim: int, block_size: int
+) -> None:
+    kernel = native_function_or_skip()
+    kv_lens = [*KV_LENS, 1000]  # a long row: the online softmax's running max moves many times
+    paged = make_paged_kv(kv_lens, k_heads, head_dim, block_size, CPU_FP32)
+    q = torch.randn(len(kv_lens), q_heads, head_dim) * 3  # sharper scores than unit-variance queries give
+    args = (paged.kv_lens, paged.block_tables, head_dim**-0.5)
+    out, lse = decode_attention_native(kernel, q, paged.k_cache, paged.v_cache, *args)
+    expected, expected_lse = decode_attention_reference(q, paged.k_cache, paged.v_cache, *args)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)  # -inf where empty
+
+
+def test_cpu_dispatch_takes_the_native_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    native_function_or_skip()
+    paged = make_paged_kv(KV_LENS, 2, 32, 8, CPU_FP32)
+    q = torch.randn(len(KV_LENS), 6, 32)
+    args = (q, paged.k_cache, paged.v_cache, paged.kv_lens, paged.block_tables, 0.3)
+    calls: list[int] = []
+    original = decode_attention_module.decode_attention_native
+
+    def counting(*a: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return original(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decode_attention_module, "decode_attention_native", counting)
+    monkeypatch.delenv("DIPTYCH_KERNELS", raising=False)
+    decode_attention_module.decode_attention(*args)
+    assert calls == [1]
+    monkeypatch.setenv("DIPTYCH_NATIVE_KERNELS", "0")
+    out, _ = decode_attention_module.decode_attention(*args)  # the reference, switched by the variable
+    assert calls == [1]
+    torch.testing.assert_close(out, decode_attention_reference(*args)[0])
+
+
+def native_function_or_skip() -> Callable[..., None]:
+    kernel = decode_attention_module._NATIVE()
+    if kernel is None:
+        pytest.skip("no C compiler on this host")
+    return kernel
