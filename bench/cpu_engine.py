@@ -143,7 +143,13 @@ def main() -> None:
         for form, nbytes in step_bytes.items():
             note = f"{form} weights read once a step"
             rows.append(
-                Row(f"decode_B{batch}", batch * bandwidth / nbytes, "tok/s", system="roofline", note=note)
+                Row(
+                    f"decode_B{batch}",
+                    batch * bandwidth / nbytes,
+                    "tok/s",
+                    system=f"roofline-{form}",
+                    note=note,
+                )
             )
     write_result(
         "cpu_engine",

@@ -25,6 +25,7 @@ from engine.model import LlamaForCausalLM, build_model, init_random_weights
 from engine.model_runner import LaunchedStep, ModelRunner, SampledTokens
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
+from kernels import native
 
 RANDOM_PREFIX = "random:"
 
@@ -139,6 +140,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         if config.cuda_graphs and self.device.type == "cuda":
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+        if self.device.type == "cpu":
+            native.build_all()
         sampler.warm_up(self.model_config.vocab_size, self.device)
         self.sequences: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)

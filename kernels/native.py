@@ -43,6 +43,19 @@ def cache_dir() -> Path:
     return Path(root) / "diptych" / "kernels"
 
 
+def build_all() -> None:
+    """Build every kernel now (an engine on the CPU calls this at start-up), so a first request does not
+    wait for the compiler; a host that cannot build them is told once, here."""
+    if not native_enabled():
+        return
+    for source in sorted(SOURCE_DIR.glob("*.c")):
+        try:
+            load_library(source.stem)
+        except NativeBuildError as e:
+            logger.warning("CPU kernels run on the torch reference path (slower): %s", e)
+            return
+
+
 @functools.cache
 def native_function(library: str, symbol: str, argtypes: tuple[type, ...]) -> Callable[..., None] | None:
     """`symbol` of kernels/csrc/<library>.c, or None (logged once) when the host cannot build it.
