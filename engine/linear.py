@@ -24,7 +24,7 @@ MAX_PACKED_ROWS = 96
 PACK_HINT_ROWS = 8  # the row count oneDNN lays the packed weight out for: a typical decode batch
 _ONEDNN = torch.backends.mkldnn.is_available()
 # Up to this many rows the quantized kernel beats the fp32 product (CI host, SmolLM2 Q4_1: 2.5x at 8 rows,
-# 1.15x at 32, even near 48; decoding the blocks again for every 8 rows loses to MKL beyond that).
+# 1.15x at 32, 0.87x at 64: decoding the blocks again for every 8 rows loses to MKL somewhere between).
 MAX_QUANTIZED_ROWS = 32
 
 
@@ -56,25 +56,26 @@ class Linear(nn.Linear):
         return cached[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._takes_quantized_path(x):
-            assert self._quantized is not None
-            return kernels.quantized_linear(x, self._quantized[2], self.bias)
+        quantized = self._quantized_for(x)
+        if quantized is not None:
+            return kernels.quantized_linear(x, quantized, self.bias)
         if self._takes_packed_path(x):
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self._packed_weight(), self.bias, "none", [], ""
             )
         return F.linear(x, self.weight, self.bias)
 
-    def _takes_quantized_path(self, x: torch.Tensor) -> bool:
-        return (
-            self._quantized is not None
-            and x.device.type == "cpu"
+    def _quantized_for(self, x: torch.Tensor) -> QuantizedWeight | None:
+        """The blocks to multiply x by, if this layer has them and x is a decode-sized CPU fp32 batch."""
+        if self._quantized is None or not (
+            x.device.type == "cpu"
             and x.dtype == torch.float32
             and x.dim() == 2
             and x.shape[0] <= MAX_QUANTIZED_ROWS
             and not torch.is_grad_enabled()
-            and self.quantized is not None  # the weight is still the one the blocks came from
-        )
+        ):
+            return None
+        return self.quantized  # None once the weight is no longer the one the blocks came from
 
     def _takes_packed_path(self, x: torch.Tensor) -> bool:
         return (

@@ -182,10 +182,10 @@ class LlamaForCausalLM(nn.Module):
         if unfilled:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(unfilled[:6])}")
 
-    def attach_quantized_weights(self, weights: Iterable[tuple[str, QuantizedWeight]]) -> int:
+    def attach_quantized_weights(self, weights: Iterable[tuple[str, QuantizedWeight]]) -> None:
         """Give each Linear whose weight the checkpoint also stores quantized (all of its rows, fused
         projections included, in one code width) that copy, named as for load_weights and equal to the
-        loaded weight; returns how many layers took one."""
+        loaded weight."""
         params = dict(self.named_parameters())
         owners = {id(m.weight): m for m in self.modules() if isinstance(m, Linear)}
         parts: dict[int, list[tuple[int, QuantizedWeight]]] = {}
@@ -194,7 +194,6 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(target)
             if param is not None and id(param) in owners:
                 parts.setdefault(id(param), []).append((0 if rows is None else rows[0], weight))
-        attached = 0
         for key, pieces in parts.items():
             layer = owners[key]
             pieces.sort(key=lambda piece: piece[0])
@@ -204,8 +203,6 @@ class LlamaForCausalLM(nn.Module):
             ):
                 continue  # some rows are stored unquantized, or in two code widths: the layer stays dense
             layer.attach_quantized(QuantizedWeight.cat([w for _, w in pieces]))
-            attached += 1
-        return attached
 
     def _target(self, name: str) -> tuple[str, tuple[int, int] | None]:
         if self.config.tie_word_embeddings and name == "lm_head.weight":

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels import native
-from kernels.dispatch import kernel_mode, use_triton
+from kernels.dispatch import use_native, use_triton
 from kernels.step_memo import StepMemo
 
 LOG2_E = 1.4426950408889634  # 1/ln 2: the kernels use exp2, so log2(e) is folded into the softmax scale
@@ -424,11 +424,9 @@ def _takes_native_path(
     q: torch.Tensor, k_cache: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor
 ) -> bool:
     return (
-        q.device.type == "cpu"
+        use_native(q)
         and q.dtype == k_cache.dtype == torch.float32
         and kv_lens.dtype == block_tables.dtype == torch.int32
-        and kernel_mode() == "auto"
-        and native.native_enabled()
     )
 
 
@@ -455,7 +453,7 @@ def decode_attention_native(
         v_cache.data_ptr(),
         kv_lens.data_ptr(),
         block_tables.data_ptr(),
-        block_tables.shape[1] if block_tables.dim() == 2 else 0,
+        block_tables.shape[1],
         batch,
         q_heads,
         kv_heads,

@@ -1,8 +1,10 @@
-"""Chooses, per call, between a Triton kernel and its torch reference.
+"""Chooses, per call, between a Triton kernel, a C kernel (kernels.native) and the torch reference.
 
-`DIPTYCH_KERNELS` is read here and nowhere else: `auto` (default) runs Triton for CUDA tensors and the
-reference otherwise; `reference` and `triton` force one path (`triton` on CPU needs TRITON_INTERPRET=1).
-It is read on every call, not cached, so tests can switch it; the dict lookup costs well under a microsecond.
+The environment is read here and nowhere else. `DIPTYCH_KERNELS`: `auto` (default) runs Triton for CUDA
+tensors, and for CPU tensors the C kernel where an op has one, else the reference; `reference` and `triton`
+force one path (`triton` on CPU needs TRITON_INTERPRET=1; an op without a Triton kernel then takes its C
+one). `DIPTYCH_NATIVE_KERNELS=0` turns the C kernels off. Both are read on every call, not cached, so tests
+can switch them; the dict lookups cost well under a microsecond.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ def kernel_mode() -> KernelMode:
     if mode not in _MODES:
         raise ValueError(f"DIPTYCH_KERNELS must be one of {_MODES}, got {mode!r}")
     return mode  # type: ignore[return-value]
+
+
+def native_enabled() -> bool:
+    return os.environ.get("DIPTYCH_NATIVE_KERNELS", "1") not in ("0", "false", "no")
+
+
+def use_native(x: torch.Tensor) -> bool:
+    """Whether a CPU tensor may take an op's C kernel (the op still checks dtypes and that it built)."""
+    return x.device.type == "cpu" and kernel_mode() != "reference" and native_enabled()
 
 
 def use_triton(x: torch.Tensor) -> bool:

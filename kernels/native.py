@@ -3,8 +3,8 @@
 A source under kernels/csrc is built with the system C compiler (`CC`, default `cc`) for the host's own
 instruction set (-march=native) and OpenMP. The cache key covers the source, the compiler, the flags and the
 CPU's model and feature flags, so a home directory shared between different machines never loads a library
-built for another CPU. `DIPTYCH_NATIVE_KERNELS=0` turns the native kernels off; a host without a working
-compiler falls back to the torch reference path, logging the reason once.
+built for another CPU. A host without a working compiler falls back to the torch reference path, logging
+the reason once; `DIPTYCH_NATIVE_KERNELS=0` turns the native kernels off (kernels.dispatch).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch  # noqa: F401  # loads torch's libgomp first, which the library then shares (same soname)
 
+from kernels.dispatch import native_enabled
+
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
@@ -32,10 +34,6 @@ LIBS = ("-lm",)
 
 class NativeBuildError(RuntimeError):
     """The C kernel could not be built or loaded on this host."""
-
-
-def native_enabled() -> bool:
-    return os.environ.get("DIPTYCH_NATIVE_KERNELS", "1") not in ("0", "false", "no")
 
 
 def cache_dir() -> Path:
@@ -59,7 +57,7 @@ def build_all() -> None:
 @functools.cache
 def native_function(library: str, symbol: str, argtypes: tuple[type, ...]) -> Callable[..., None] | None:
     """`symbol` of kernels/csrc/<library>.c, or None (logged once) when the host cannot build it.
-    Callers check `native_enabled()` first, on every call, so tests can switch the native path off."""
+    Callers check `dispatch.use_native` first, on every call, so tests can switch the native path off."""
     try:
         fn = getattr(load_library(library), symbol)
     except NativeBuildError as e:
@@ -107,11 +105,13 @@ def _build(compiler: str, source: Path, target: Path) -> None:
     logger.info("built %s", target)
 
 
+@functools.cache
 def _compiler_version(compiler: str) -> bytes:
     result = subprocess.run([compiler, "--version"], capture_output=True, check=False)
     return result.stdout
 
 
+@functools.cache
 def _cpu_identity() -> bytes:
     """The CPU's model and feature flags (-march=native depends on both)."""
     try:

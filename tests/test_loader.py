@@ -424,7 +424,7 @@ def test_a_changed_weight_drops_its_quantized_copy(tmp_path: Path, tiny_llama: P
     assert isinstance(layer, Linear) and isinstance(other, Linear)
     blocks, other_blocks = layer.quantized, other.quantized
     assert blocks is not None and other_blocks is not None
-    layer.attach_quantized(blocks.rows(0, layer.out_features))  # the same weight again: taken
+    layer.attach_quantized(blocks)  # the same weight again: taken
     with pytest.raises(ValueError, match="does not dequantize"):
         layer.attach_quantized(other_blocks)
     with torch.no_grad():

@@ -11,7 +11,9 @@
 
    Work is split over tiles of weight rows (OpenMP; the library is linked against the libgomp torch has
    already loaded, so both share one thread pool). Within a tile, activation rows go eight at a time:
-   each weight block is decoded once per eight rows, and the tile's codes stay in L1 across the passes. */
+   each weight block is decoded once per eight rows, and the tile's codes stay in L1 across the passes.
+   A pass takes four weight rows (up to four activation rows) or two (more), so that each activation
+   vector loaded feeds several FMAs. */
 
 #include <stdint.h>
 
