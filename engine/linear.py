@@ -1,5 +1,6 @@
-"""nn.Linear with faster CPU paths for decode-sized batches: the GGUF file's own quantized blocks where the
-weight came from one, oneDNN on a weight packed once, and a column-major weight layout for single rows.
+"""nn.Linear with faster paths for decode-sized batches: on a GPU, a Triton kernel for single rows
+(kernels/skinny_linear.py); on the CPU, the GGUF file's own quantized blocks where the weight came from one,
+oneDNN on a weight packed once, and a column-major weight layout for single rows.
 
 On the 2-core CI host (torch 2.13, MKL 2024.2, AVX-512; fp32 SmolLM2 shapes), `F.linear` over
 SmolLM2's layers at 4 and 8 rows runs 1.1-2.5x slower (by layer shape; measured in isolation) than
@@ -18,6 +19,7 @@ from torch import nn
 
 import kernels
 from kernels.quantized_linear import QuantizedWeight
+from kernels.skinny_linear import use_skinny
 
 MIN_PACKED_ROWS = 4
 MAX_PACKED_ROWS = 96
@@ -56,6 +58,8 @@ class Linear(nn.Linear):
         return cached[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_skinny(x, self.weight):
+            return kernels.skinny_linear(x, self.weight, self.bias)
         quantized = self._quantized_for(x)
         if quantized is not None:
             return kernels.quantized_linear(x, quantized, self.bias)

@@ -18,6 +18,7 @@ from engine.forward_context import get_attention_metadata
 from engine.linear import Linear
 from engine.rope import cos_sin_cache
 from kernels.quantized_linear import QuantizedWeight
+from kernels.skinny_linear import use_skinny
 
 
 class RMSNorm(nn.Module):
@@ -35,7 +36,7 @@ class RMSNorm(nn.Module):
 
 
 class PagedAttention(nn.Module):
-    """Writes this layer's K/V into the paged cache, then attends through the block tables."""
+    """Rotates q and k, writes K/V into the paged cache, then attends through the block tables."""
 
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -44,9 +45,16 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)  # bound by PagedKVCache.bind()
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
         meta = get_attention_metadata()
-        kernels.store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        kernels.rope_and_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.kv_hook is not None:
             meta.kv_hook(self.layer_idx, k, v)
         if meta.is_decode:
@@ -74,8 +82,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, c.num_heads, c.head_dim)
         k = k.view(-1, c.num_kv_heads, c.head_dim)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
-        kernels.apply_rope(q, k, positions, cos_sin)
-        return self.o_proj(self.attn(q, k, v).reshape(-1, c.q_size))
+        return self.o_proj(self.attn(positions, q, k, v, cos_sin).reshape(-1, c.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -85,7 +92,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if gate_up.bias is None and use_skinny(x, gate_up.weight):
+            # One kernel for the projection and the SwiGLU gate: the [T, 2I] product never reaches HBM.
+            return self.down_proj(kernels.skinny_linear(x, gate_up.weight, fuse_silu=True))
+        return self.down_proj(kernels.silu_and_mul(gate_up(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -27,7 +27,7 @@ from engine.forward_context import AttentionMetadata, KVHook, forward_context
 from engine.host_staging import BlockTableMirror, HostStaging, TokenLanding
 from engine.kv_cache import PagedKVCache
 from engine.model import LlamaForCausalLM
-from engine.sampler import SamplerOutput, SamplingBatch, argmax_suffices, sample
+from engine.sampler import SamplerOutput, SamplingBatch, argmax_suffices, greedy_argmax, sample
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 
@@ -245,7 +245,7 @@ class ModelRunner:
             return SamplerOutput(torch.empty(0, dtype=torch.int64, device=logits.device), None)
         params = [s.sampling for s in seqs]
         if argmax_suffices(params):  # what sample() would compute, without building its batch
-            return SamplerOutput(logits.float().argmax(dim=-1), None)
+            return SamplerOutput(greedy_argmax(logits.float()), None)
         batch = SamplingBatch.build(
             params,
             seeds=[s.seed for s in seqs],

@@ -8,6 +8,8 @@ from kernels.prefill_attention import prefill_attention
 from kernels.quantized_linear import quantized_linear
 from kernels.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.rope import apply_rope
+from kernels.rope_store_kv import rope_and_store_kv
+from kernels.skinny_linear import skinny_linear
 
 __all__ = [
     "apply_rope",
@@ -17,6 +19,8 @@ __all__ = [
     "prefill_attention",
     "quantized_linear",
     "rms_norm",
+    "rope_and_store_kv",
     "silu_and_mul",
+    "skinny_linear",
     "store_kv_cache",
 ]

@@ -18,7 +18,7 @@ _TABLES: StepMemo[tuple[torch.Tensor, torch.Tensor]] = StepMemo()
 
 
 @triton.jit
-def _rotate_heads(
+def rotate_heads(
     base_ptr,
     stride_head,
     num_heads,
@@ -62,7 +62,7 @@ def _apply_rope_kernel(
     row_ptr = cos_sin_ptr + position * stride_cos_sin
     cos = tl.load(row_ptr + cols, mask=cols < half_dim, other=0.0)[None, :]
     sin = tl.load(row_ptr + half_dim + cols, mask=cols < half_dim, other=0.0)[None, :]
-    _rotate_heads(
+    rotate_heads(
         q_ptr + token * stride_q_token,
         stride_q_head,
         num_q_heads,
@@ -72,7 +72,7 @@ def _apply_rope_kernel(
         BLOCK_Q_HEADS,
         BLOCK_HALF,
     )
-    _rotate_heads(
+    rotate_heads(
         k_ptr + token * stride_k_token,
         stride_k_head,
         num_k_heads,

@@ -13,6 +13,8 @@ import torch
 from engine.messages import SamplingParams
 from engine.sampler import (
     SamplingBatch,
+    chunked_argmax,
+    greedy_argmax,
     hash_uniforms,
     mix64,
     sample,
@@ -21,6 +23,7 @@ from engine.sampler import (
 )
 
 CPU = torch.device("cpu")
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 MASK64 = 2**64 - 1
 
 
@@ -384,3 +387,23 @@ def test_after_warm_up_the_cuda_sampler_never_recompiles(monkeypatch: pytest.Mon
                     torch.randn(rows, 512, device=cuda), make_batch(params, [1] * rows, [0] * rows, cuda)
                 )
             assert out.token_ids.shape == (rows,)
+
+
+def test_chunked_argmax_takes_the_first_index_of_the_maximum() -> None:
+    logits = torch.randn(5, 96)
+    logits[0, 10] = logits[0, 70] = 9.0  # tied across chunks: the earlier chunk's
+    logits[1, 33] = logits[1, 35] = 9.0  # tied inside one chunk: the earlier index
+    logits[2, 95] = 9.0  # the last element
+    logits[3, 50] = float("nan")  # NaN counts as the maximum, as in torch.argmax
+    logits[4] = 1.0  # all equal: index 0
+    expected = torch.tensor([10, 33, 95, 50, 0])
+    assert torch.equal(logits.argmax(dim=-1), expected)
+    for chunks in (1, 2, 3, 8, 96):
+        assert torch.equal(chunked_argmax(logits, chunks), expected)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 128256), (3, 49152), (64, 128256), (2, 32003)])
+def test_greedy_argmax_equals_torch_argmax(device: str, rows: int, vocab: int) -> None:
+    logits = torch.randn(rows, vocab, device=device).mul_(4).round_()  # rounded: many ties
+    assert torch.equal(greedy_argmax(logits), logits.argmax(dim=-1))
