@@ -29,6 +29,17 @@ def copy_bandwidth(device: str = "cuda:0", nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def start_gpu_sweep() -> float:
+    """What a kernel sweep does first: refuse to run without CUDA, seed, and measure (and print) the copy
+    bandwidth its rows are read against."""
+    if not torch.cuda.is_available():
+        raise SystemExit("the sweep times CUDA kernels: no CUDA device here")
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    return bandwidth
+
+
 def matmul_rate(device: str = "cuda:0", n: int = 8192) -> float:
     """bf16 FLOP/s of an n x n x n torch matmul."""
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)

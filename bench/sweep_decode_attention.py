@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.testing
 
-from bench.ceilings import copy_bandwidth
+from bench.ceilings import start_gpu_sweep
 from bench.gpu_kernels import (
     BLOCK_SIZE,
     DTYPE,
@@ -310,12 +310,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("the sweep times CUDA kernels: no CUDA device here")
-    torch.manual_seed(0)
     started = time.perf_counter()
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    bandwidth = start_gpu_sweep()
     default = default_decode_config(torch.empty(1, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda"))
     outcomes: list[Outcome] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from bench.ceilings import copy_bandwidth
+from bench.ceilings import start_gpu_sweep
 from bench.gpu_kernels import num_copies, rotating
 from bench.results import RESULTS_DIR, result_header
 from kernels.activation import silu_and_mul_triton
@@ -185,12 +185,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--layers", nargs="+", default=[layer[0] for layer in LAYERS])
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("the sweep times CUDA kernels: no CUDA device here")
-    torch.manual_seed(0)
     started = time.perf_counter()
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    bandwidth = start_gpu_sweep()
     outcomes: list[Outcome] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, out_features, in_features, fuse_silu in LAYERS:

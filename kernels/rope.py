@@ -39,6 +39,17 @@ def rotate_heads(
 
 
 @triton.jit
+def load_rotation(positions_ptr, cos_sin_ptr, token, stride_cos_sin, half_dim, BLOCK_HALF: tl.constexpr):
+    """(cos, sin) rows [1, BLOCK_HALF] of a token's position, from the [max_pos, D] cat(cos, sin) table."""
+    position = tl.load(positions_ptr + token)
+    cols = tl.arange(0, BLOCK_HALF)
+    row_ptr = cos_sin_ptr + position * stride_cos_sin
+    cos = tl.load(row_ptr + cols, mask=cols < half_dim, other=0.0)[None, :]
+    sin = tl.load(row_ptr + half_dim + cols, mask=cols < half_dim, other=0.0)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _apply_rope_kernel(
     q_ptr,
     k_ptr,
@@ -57,11 +68,7 @@ def _apply_rope_kernel(
     BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0)
-    position = tl.load(positions_ptr + token)
-    cols = tl.arange(0, BLOCK_HALF)
-    row_ptr = cos_sin_ptr + position * stride_cos_sin
-    cos = tl.load(row_ptr + cols, mask=cols < half_dim, other=0.0)[None, :]
-    sin = tl.load(row_ptr + half_dim + cols, mask=cols < half_dim, other=0.0)[None, :]
+    cos, sin = load_rotation(positions_ptr, cos_sin_ptr, token, stride_cos_sin, half_dim, BLOCK_HALF)
     rotate_heads(
         q_ptr + token * stride_q_token,
         stride_q_head,

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from kernels.dispatch import use_triton
 from kernels.kv_cache_write import store_kv_cache
-from kernels.rope import apply_rope, rotate_heads
+from kernels.rope import apply_rope, load_rotation, rotate_heads
 
 
 @triton.jit
@@ -47,12 +47,9 @@ def _rope_store_kv_kernel(
     BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0)
-    position = tl.load(positions_ptr + token)
     slot = tl.load(slot_mapping_ptr + token)
+    cos, sin = load_rotation(positions_ptr, cos_sin_ptr, token, stride_cos_sin, half_dim, BLOCK_HALF)
     cols = tl.arange(0, BLOCK_HALF)
-    row_ptr = cos_sin_ptr + position * stride_cos_sin
-    cos = tl.load(row_ptr + cols, mask=cols < half_dim, other=0.0)[None, :]
-    sin = tl.load(row_ptr + half_dim + cols, mask=cols < half_dim, other=0.0)[None, :]
     rotate_heads(
         q_ptr + token * stride_q_token,
         stride_q_head,
