@@ -25,9 +25,9 @@ import triton.language as tl
 from kernels.dispatch import use_triton
 
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows: the batch is padded up to it
-# Rows up to which Linear takes this kernel on a GPU. At one row it streamed Llama-3-8B's qkv, o and fused
-# gate/up+SwiGLU faster than cuBLAS (+ the separate SwiGLU kernel) on an H200; by four rows the per-row
-# products no longer fit in registers and cuBLAS is ahead (bench/sweep_skinny_linear.py).
+# Rows up to which Linear takes this kernel on a GPU. At one row it streamed Llama-3-8B's qkv, o, down and
+# fused gate/up+SwiGLU faster than cuBLAS (+ the separate SwiGLU kernel) on an H200; from two rows cuBLAS was
+# level or ahead on every unfused shape (bench/sweep_skinny_linear.py).
 MAX_SKINNY_ROWS = 1
 
 

@@ -46,3 +46,33 @@ def test_fp32_greedy_tokens_equal_transformers(kind: str, request: pytest.Fixtur
     hf = hf_on_gpu(path, torch.float32)
     for prompt, seq in zip(prompts, seqs):
         assert seq.output_token_ids == hf_greedy(hf, prompt, 32)
+
+
+def test_a_single_row_mlp_runs_the_skinny_kernel_and_matches_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At one row the MLP's gate/up (with the SwiGLU gate fused) and down both take kernels.skinny_linear,
+    and the result is the fp32 product's within bf16 precision."""
+    import kernels
+    from engine.config import ModelConfig
+    from engine.model import LlamaMLP
+    from kernels.activation import silu_and_mul_reference
+
+    config = ModelConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=704, num_layers=1, num_heads=4, num_kv_heads=2,
+        head_dim=64,
+    )  # fmt: skip
+    mlp = LlamaMLP(config).to("cuda", torch.bfloat16)
+    fused_flags: list[bool] = []
+    real = kernels.skinny_linear
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fuse_silu: bool = False):
+        fused_flags.append(fuse_silu)
+        return real(x, weight, bias, fuse_silu)
+
+    monkeypatch.setattr(kernels, "skinny_linear", spy)
+    x = torch.randn(1, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = mlp(x).float()
+        gated = silu_and_mul_reference(torch.nn.functional.linear(x.float(), mlp.gate_up_proj.weight.float()))
+        want = torch.nn.functional.linear(gated, mlp.down_proj.weight.float())
+    assert fused_flags == [True, False]  # gate/up with the gate, then down
+    assert ((got - want).norm() / want.norm()).item() < BF16_REL_L2
