@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from kernels import native
-from kernels.dispatch import use_native, use_triton
+from kernels.dispatch import use_native, use_pdl, use_triton
+from kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
 from kernels.step_memo import StepMemo
 
 LOG2_E = 1.4426950408889634  # 1/ln 2: the kernels use exp2, so log2(e) is folded into the softmax scale
@@ -88,6 +89,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TABLE_AHEAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (sequence, KV head, split): the whole query group of that KV head against one slice of its keys.
 
@@ -96,6 +98,7 @@ def _decode_split_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    wait_for_previous_kernel(PDL)
     kv_len = tl.load(kv_lens_ptr + seq)
     # Slices are whole BLOCK_N tiles: no tile straddles two splits.
     split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -136,6 +139,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    let_next_kernel_start(PDL)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -160,10 +164,12 @@ def _decode_merge_kernel(
     NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Second stage: merges the NUM_SPLITS partials of one (sequence, query head) by their LSEs."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    wait_for_previous_kernel(PDL)
     row = seq * NUM_Q_HEADS + head
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -177,6 +183,7 @@ def _decode_merge_kernel(
     empty = total == 0.0
     safe_total = tl.where(empty, 1.0, total)
     out = tl.sum(partials * weights[:, None], axis=0) / safe_total
+    let_next_kernel_start(PDL)
     tl.store(
         out_ptr + seq * stride_out_seq + head * stride_out_head + offs_d, out.to(out_ptr.dtype.element_ty)
     )
@@ -238,6 +245,7 @@ def decode_attention_triton(
         max_tokens = block_tables.shape[1] * block_size
         num_splits = default_num_splits(batch, num_kv_heads, max_tokens, q.device, config.programs_per_sm)
     group = num_q_heads // num_kv_heads
+    pdl = use_pdl(q)
     partial_out = torch.empty(
         (batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
     )
@@ -266,8 +274,10 @@ def decode_attention_triton(
         BLOCK_N=config.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact, not tf32
         TABLE_AHEAD=config.table_ahead,
+        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        launch_pdl=pdl,
     )
     _decode_merge_kernel[(batch, num_q_heads)](
         partial_out,
@@ -280,6 +290,8 @@ def decode_attention_triton(
         NUM_SPLITS=num_splits,
         HEAD_DIM=head_dim,
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return out, lse
 

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import use_pdl, use_triton
+from kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
 
 
 @triton.jit
@@ -24,10 +25,13 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    wait_for_previous_kernel(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
@@ -38,7 +42,7 @@ def _rms_norm_kernel(
     inv_rms = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
     # HF casts the normalised row back to the model dtype before the weight multiply.
     normed = (x32 * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    let_next_kernel_start(PDL)
     tl.store(out_ptr + row * stride_out + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -51,6 +55,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
         residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_h = triton.next_power_of_2(x.shape[1])
+    pdl = use_pdl(x)
     _rms_norm_kernel[(x.shape[0],)](
         x,
         x if residual is None else residual,
@@ -65,7 +70,9 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK_H=block_h,
+        PDL=pdl,
         num_warps=min(max(block_h // 256, 1), 8),  # ~8 elements per thread per row
+        launch_pdl=pdl,
     )
     return out, residual_out
 

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import use_pdl, use_triton
 from kernels.kv_cache_write import store_kv_cache
+from kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
 from kernels.rope import apply_rope, load_rotation, rotate_heads
 
 
@@ -45,8 +46,10 @@ def _rope_store_kv_kernel(
     BLOCK_Q_HEADS: tl.constexpr,
     BLOCK_KV_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     token = tl.program_id(0)
+    wait_for_previous_kernel(PDL)
     slot = tl.load(slot_mapping_ptr + token)
     cos, sin = load_rotation(positions_ptr, cos_sin_ptr, token, stride_cos_sin, half_dim, BLOCK_HALF)
     cols = tl.arange(0, BLOCK_HALF)
@@ -72,6 +75,7 @@ def _rope_store_kv_kernel(
     rotated2 = (k2 * cos + k1 * sin).to(dtype)
     tl.store(k1_ptr, rotated1, mask=mask)
     tl.store(k1_ptr + half_dim, rotated2, mask=mask)
+    let_next_kernel_start(PDL)
     if slot >= 0:  # < 0: a padding token, nothing to store
         # Both caches share one layout (checked by the launcher), so one offset serves K and V.
         dst = (slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_slot
@@ -130,6 +134,8 @@ def rope_and_store_kv_triton(
         BLOCK_Q_HEADS=triton.next_power_of_2(q.shape[1]),
         BLOCK_KV_HEADS=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(half_dim),
+        PDL=use_pdl(q),
+        launch_pdl=use_pdl(q),
     )
 
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import use_pdl, use_triton
+from kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
 
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows: the batch is padded up to it
 # Rows up to which Linear takes this kernel on a GPU. At one row it streamed Llama-3-8B's qkv, o, down and
@@ -63,6 +64,7 @@ def _skinny_linear_kernel(
     FUSE_SILU: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_DOT: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -78,6 +80,7 @@ def _skinny_linear_kernel(
     up_ptrs = w_ptrs + half.to(tl.int64) * stride_w  # read only when FUSE_SILU
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    wait_for_previous_kernel(PDL)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x_tile_mask = m_mask[:, None]
@@ -101,6 +104,7 @@ def _skinny_linear_kernel(
             up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    let_next_kernel_start(PDL)
 
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
@@ -162,6 +166,7 @@ def skinny_linear_triton(
         return out
     config = config or default_skinny_config(rows, fuse_silu)
     block_m = max(triton.next_power_of_2(rows), MIN_DOT_ROWS if config.use_dot else 1)
+    pdl = use_pdl(x)
     _skinny_linear_kernel[(triton.cdiv(width, config.block_n),)](
         x,
         weight,
@@ -178,11 +183,13 @@ def skinny_linear_triton(
         FUSE_SILU=fuse_silu,
         EVEN_K=in_features % config.block_k == 0,
         USE_DOT=config.use_dot,
+        PDL=pdl,
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        launch_pdl=pdl,
     )
     return out
 
