@@ -73,12 +73,16 @@ def _decode_split_kernel(
     block_tables_ptr,
     partial_out_ptr,
     partial_lse_ptr,
+    out_ptr,
+    lse_ptr,
     stride_q_seq,
     stride_q_head,
     stride_cache_block,
     stride_cache_slot,
     stride_cache_head,
     stride_table_seq,
+    stride_out_seq,
+    stride_out_head,
     block_size,
     qk_scale,
     GROUP: tl.constexpr,
@@ -93,7 +97,8 @@ def _decode_split_kernel(
 ):
     """One (sequence, KV head, split): the whole query group of that KV head against one slice of its keys.
 
-    Writes the split's normalised output and its base-2 LSE (-inf and zeros for an empty slice).
+    Writes the split's normalised output and its base-2 LSE (-inf and zeros for an empty slice) for
+    _decode_merge_kernel; with one split, the output and natural-log LSE themselves (no merge launch).
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -144,12 +149,16 @@ def _decode_split_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    partial_rows = (seq * NUM_Q_HEADS + heads) * NUM_SPLITS + split  # partials are [B, Hq, NUM_SPLITS, (D)]
     group_mask = offs_g < GROUP
-    tl.store(partial_lse_ptr + partial_rows, lse, mask=group_mask)
-    tl.store(
-        partial_out_ptr + partial_rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=group_mask[:, None]
-    )
+    if NUM_SPLITS == 1:
+        out_offsets = seq * stride_out_seq + heads[:, None] * stride_out_head + offs_d[None, :]
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=group_mask[:, None])
+        tl.store(lse_ptr + seq * NUM_Q_HEADS + heads, lse * LN_2, mask=group_mask)
+    else:
+        partial_rows = (seq * NUM_Q_HEADS + heads) * NUM_SPLITS + split  # [B, Hq, NUM_SPLITS, (D)]
+        tl.store(partial_lse_ptr + partial_rows, lse, mask=group_mask)
+        partial_offsets = partial_rows[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(partial_out_ptr + partial_offsets, out, mask=group_mask[:, None])
 
 
 @triton.jit
@@ -246,10 +255,12 @@ def decode_attention_triton(
         num_splits = default_num_splits(batch, num_kv_heads, max_tokens, q.device, config.programs_per_sm)
     group = num_q_heads // num_kv_heads
     pdl = use_pdl(q)
-    partial_out = torch.empty(
-        (batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
-    )
-    partial_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    partial_out, partial_lse = out, lse  # one split writes the result itself
+    if num_splits > 1:
+        partial_out = torch.empty(
+            (batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        partial_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -258,12 +269,16 @@ def decode_attention_triton(
         block_tables,
         partial_out,
         partial_lse,
+        out,
+        lse,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
         block_size,
         scale * LOG2_E,
         GROUP=group,
@@ -279,6 +294,8 @@ def decode_attention_triton(
         num_stages=config.num_stages,
         launch_pdl=pdl,
     )
+    if num_splits == 1:
+        return out, lse
     _decode_merge_kernel[(batch, num_q_heads)](
         partial_out,
         partial_lse,
