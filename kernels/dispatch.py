@@ -45,7 +45,7 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 # Token rows up to which the kernels launch with PDL. A one-row decode step is a chain of Triton kernels
-# (bench/profile_decode_step.py, H200: the graph replay 4.21 -> 4.15 ms at B1); from two rows the linear
+# (kernels/pdl.py, H200: the B1 graph replay 4.21 -> 4.15 ms); from two rows the linear
 # layers are cuBLAS kernels, which do not take part, and at B64 the step was 0.7% slower with it.
 PDL_MAX_ROWS = 1
 

@@ -30,7 +30,7 @@ def _rms_norm_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
     wait_for_previous_kernel(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:

@@ -108,6 +108,7 @@ def rope_and_store_kv_triton(
     if q.shape[0] == 0:
         return
     half_dim = q.shape[2] // 2
+    pdl = use_pdl(q)
     _rope_store_kv_kernel[(q.shape[0],)](
         q,
         k,
@@ -134,8 +135,8 @@ def rope_and_store_kv_triton(
         BLOCK_Q_HEADS=triton.next_power_of_2(q.shape[1]),
         BLOCK_KV_HEADS=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(half_dim),
-        PDL=use_pdl(q),
-        launch_pdl=use_pdl(q),
+        PDL=pdl,
+        launch_pdl=pdl,
     )
 
 
