@@ -5,8 +5,8 @@ tensors, and for CPU tensors the C kernel where an op has one, else the referenc
 force one path (`triton` on CPU needs TRITON_INTERPRET=1; an op without a Triton kernel then takes its C
 one). `DIPTYCH_NATIVE_KERNELS=0` turns the C kernels off. Both are read on every call, not cached, so tests
 can switch them; the dict lookups cost well under a microsecond. `DIPTYCH_PDL` (see kernels/pdl.py): `1`
-(default) lets the decode-path kernels launch with programmatic dependent launch on Hopper and newer, `0`
-launches them as plain stream-ordered kernels.
+(default) lets the one-row decode kernels launch with programmatic dependent launch on Hopper and newer,
+`0` launches them as plain stream-ordered kernels.
 """
 
 from __future__ import annotations

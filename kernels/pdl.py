@@ -6,9 +6,9 @@ every program of its predecessor has called `let_next_kernel_start`: its program
 predecessor's free them and block at `wait_for_previous_kernel` until the predecessor has finished and its
 writes are visible. The kernels signal after their main loop, before their stores. On an H200 (Llama-3-8B
 shapes, B1 decode graph replayed as bench/profile_decode_step.py does, DIPTYCH_PDL=0 against 1): 4.21 ms
-plain, 4.15 with PDL; signalling at the start instead, 4.32 (the successor's programs sat on SM slots
-early); reading a linear layer's first weight tile before the wait, 4.39 into registers and 4.45-5.32 as a
-1-4 KB L2 prefetch of each weight row.
+plain, 4.15 with PDL; signalling at the start instead, 4.32 (not profiled: likely the successor's
+programs holding SM slots early); reading a linear layer's first weight tile before the wait, 4.39 into
+registers and 4.45-5.32 as a 1-4 KB L2 prefetch of each weight row.
 
 Two rules keep this correct. Every program of a kernel launched with PDL calls `wait_for_previous_kernel`
 before it reads anything an earlier kernel wrote (or writes anything an earlier kernel reads), even a program
