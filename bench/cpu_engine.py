@@ -25,14 +25,14 @@ import time
 from collections.abc import Callable
 
 import torch
+from diptych.engine.linear import Linear
+from diptych.engine.llm_engine import EngineConfig, LLMEngine
+from diptych.engine.loader import embedded_model_path
+from diptych.engine.messages import SamplingParams
 from transformers import PreTrainedModel
 
-from bench.hf_reference import hf_greedy_generate
 from bench.results import Row, write_result
-from engine.linear import Linear
-from engine.llm_engine import EngineConfig, LLMEngine
-from engine.loader import embedded_model_path
-from engine.messages import SamplingParams
+from tests.hf_reference import hf_greedy_generate, load_hf_causal_lm
 
 Run = Callable[[], None]
 
@@ -105,15 +105,11 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
 
-    from transformers import AutoModelForCausalLM
-
     path = embedded_model_path()
     config = EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.5, load_progress=False)
     engine = LLMEngine(config)
     dense = LLMEngine(dataclasses.replace(config, cpu_quantized_weights=False))
-    reference = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
+    reference = load_hf_causal_lm(path)
     gen = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
 

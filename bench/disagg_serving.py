@@ -21,14 +21,15 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from diptych.cluster.config import parse_config
+from diptych.cluster.controller import Controller
+from diptych.cluster.disagg_backend import DisaggregatedBackend
+from diptych.engine.config import preset
+from diptych.engine.messages import GenerateRequest, SamplingParams
+from diptych.router.policy import make_policy
+
 from bench.ceilings import copy_bandwidth, matmul_rate
 from bench.results import Row, write_result
-from cluster.config import parse_config
-from cluster.controller import Controller
-from cluster.disagg_backend import DisaggregatedBackend
-from engine.config import preset
-from engine.messages import GenerateRequest, SamplingParams
-from router.policy import make_policy
 
 
 @dataclass

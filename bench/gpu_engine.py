@@ -25,14 +25,14 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from diptych.engine.config import ModelConfig
+from diptych.engine.llm_engine import EngineConfig, LLMEngine, load_model
+from diptych.engine.messages import GenerateRequest, SamplingParams, TokenDelta
+from diptych.engine.model import init_random_weights
 
 from bench.ceilings import against_target, copy_bandwidth, matmul_rate
-from bench.hf_reference import hf_greedy_generate
 from bench.results import Row, write_result
-from engine.config import ModelConfig
-from engine.llm_engine import EngineConfig, LLMEngine, load_model
-from engine.messages import GenerateRequest, SamplingParams, TokenDelta
-from engine.model import init_random_weights
+from tests.hf_reference import hf_greedy_generate
 
 PRESET = "llama3-8b"
 TAG = PRESET.replace("-", "_")

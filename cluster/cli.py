@@ -7,14 +7,14 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 
-from cluster.config import ConfigError
-from cluster.up import add_up_parser, cmd_up
-from engine.config import ModelConfigError
-from engine.detokenizer import IncrementalDetokenizer
-from engine.llm_engine import EngineConfig, LLMEngine, RequestError
-from engine.loader import ModelLoadError
-from engine.messages import GenerateRequest, SamplingParams, SamplingParamsError
-from engine.tokenizer import Tokenizer, load_tokenizer
+from diptych.cluster.config import ConfigError
+from diptych.cluster.up import add_up_parser, cmd_up
+from diptych.engine.config import ModelConfigError
+from diptych.engine.detokenizer import IncrementalDetokenizer
+from diptych.engine.llm_engine import EngineConfig, LLMEngine, RequestError
+from diptych.engine.loader import ModelLoadError
+from diptych.engine.messages import GenerateRequest, SamplingParams, SamplingParamsError
+from diptych.engine.tokenizer import Tokenizer, load_tokenizer
 
 USER_ERRORS = (ConfigError, ModelLoadError, ModelConfigError, RequestError, SamplingParamsError, ValueError)
 

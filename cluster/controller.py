@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from diptych.cluster.config import DeploymentConfig
+from diptych.decode.worker import DecodeWorker
+from diptych.engine.kv_transfer import ChannelSpec
+from diptych.engine.llm_engine import EngineConfig
+from diptych.engine.messages import LoadReport, TransferSettings, WorkerSpec
+from diptych.prefill.worker import PrefillWorker
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-from cluster.config import DeploymentConfig
-from decode.worker import DecodeWorker
-from engine.kv_transfer import ChannelSpec
-from engine.llm_engine import EngineConfig
-from engine.messages import LoadReport, TransferSettings, WorkerSpec
-from prefill.worker import PrefillWorker
 
 log = logging.getLogger(__name__)
 

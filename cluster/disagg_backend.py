@@ -9,19 +9,18 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import ray
-
-from cluster.controller import Controller
-from engine.llm_engine import RequestError
-from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
-from prefill.worker import channel_failed
-from router.backend import (
+from diptych.cluster.controller import Controller
+from diptych.engine.llm_engine import RequestError
+from diptych.engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
+from diptych.prefill.worker import channel_failed
+from diptych.router.backend import (
     BackendOverloadedError,
     BackendRejectedError,
     BackendUnavailableError,
     GenerationBackend,
     Phase,
 )
-from router.policy import NoWorkerError, RoutingPolicy
+from diptych.router.policy import NoWorkerError, RoutingPolicy
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from engine.engine_thread import EngineThread, deliver, drain_until_finished
-from engine.llm_engine import LLMEngine, RequestError
-from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
-from router.backend import BackendRejectedError, BackendUnavailableError, GenerationBackend, Phase
+from diptych.engine.engine_thread import EngineThread, deliver, drain_until_finished
+from diptych.engine.llm_engine import LLMEngine, RequestError
+from diptych.engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
+from diptych.router.backend import BackendRejectedError, BackendUnavailableError, GenerationBackend, Phase
 
 
 class LocalEngineBackend(GenerationBackend):

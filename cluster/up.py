@@ -8,15 +8,14 @@ import logging
 from collections.abc import Callable
 
 import uvicorn
-
-from cluster.config import DeploymentConfig, load_config, with_overrides
-from cluster.controller import Controller
-from cluster.disagg_backend import DisaggregatedBackend
-from engine.loader import load_model_config, resolve_model
-from engine.tokenizer import load_tokenizer
-from router.app import build_app
-from router.policy import make_policy
-from router.settings import GatewaySettings
+from diptych.cluster.config import DeploymentConfig, load_config, with_overrides
+from diptych.cluster.controller import Controller
+from diptych.cluster.disagg_backend import DisaggregatedBackend
+from diptych.engine.loader import load_model_config, resolve_model
+from diptych.engine.tokenizer import load_tokenizer
+from diptych.router.app import build_app
+from diptych.router.policy import make_policy
+from diptych.router.settings import GatewaySettings
 
 log = logging.getLogger("diptych")
 

@@ -15,13 +15,19 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
-
-import kernels
-from engine.engine_thread import EngineThread, deliver, drain_until_finished
-from engine.kv_transfer import ChannelListener, ChannelSpec, KVStreamReceiver, StepHeader
-from engine.llm_engine import LLMEngine
-from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta, WorkerSpec, request_tag
-from engine.model_runner import slots_for
+from diptych.engine.engine_thread import EngineThread, deliver, drain_until_finished
+from diptych.engine.kv_transfer import ChannelListener, ChannelSpec, KVStreamReceiver, StepHeader
+from diptych.engine.llm_engine import LLMEngine
+from diptych.engine.messages import (
+    FinishReason,
+    GenerateRequest,
+    LoadReport,
+    TokenDelta,
+    WorkerSpec,
+    request_tag,
+)
+from diptych.engine.model_runner import slots_for
+from diptych.kernels import ops
 
 log = logging.getLogger(__name__)
 SLOW_WRITE_S = 0.5  # a KV message slower than this to write into the cache is logged
@@ -279,7 +285,7 @@ class DecodeWorker:
                     slot_tensor = torch.tensor(slots, dtype=torch.int64, device=payload.device)
                     rows = slice(offset, offset + seg.num_tokens)
                     for i, layer in enumerate(range(layer_a, layer_b)):
-                        kernels.store_kv_cache(
+                        ops.store_kv_cache(
                             payload[i, 0, rows],
                             payload[i, 1, rows],
                             self.engine.kv_cache.key(layer),

@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from engine.forward_context import AttentionMetadata, forward_context
-from engine.model import LlamaForCausalLM
+from diptych.engine.forward_context import AttentionMetadata, forward_context
+from diptych.engine.model import LlamaForCausalLM
 
 MAX_GRAPH_BATCH = 256  # past this a decode step is long enough that launches no longer matter
 PACK_ALIGN = 16  # bytes: every packed tensor starts 16-byte aligned, as Triton's pointer specialisation likes

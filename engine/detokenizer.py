@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.tokenizer import Tokenizer
+from diptych.engine.tokenizer import Tokenizer
 
 # Prompt tokens the first window starts with: enough context for the first output token's leading space.
 _PROMPT_CONTEXT = 5

@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from engine.messages import TokenDelta
+from diptych.engine.messages import TokenDelta
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from diptych.engine.config import ModelConfig, RopeScaling
+from diptych.kernels.quantized_linear import BLOCK, QuantizedWeight
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
-
-from engine.config import ModelConfig, RopeScaling
-from kernels.quantized_linear import BLOCK, QuantizedWeight
 
 _Q = GGMLQuantizationType
 # Types whose dequantization the tests check against an independent numpy reference.
@@ -117,7 +116,7 @@ def open_weights(path: Path, config: ModelConfig) -> tuple[int, Iterator[tuple[s
     return len(tensors), (_convert(t, config, arch) for t in tensors)
 
 
-# Types whose blocks the CPU can multiply without dequantizing (kernels.quantized_linear): bytes per block.
+# Types whose blocks the CPU can multiply without dequantizing (kernels/quantized_linear.py): bytes per block.
 QUANTIZED_KERNEL_TYPES = {_Q.Q4_0: 18, _Q.Q4_1: 20, _Q.Q8_0: 34}
 _LINEAR_WEIGHTS = re.compile(
     r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight|output\.weight|token_embd\.weight"

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from diptych.engine.config import ModelConfig
+from diptych.engine.model import PagedAttention
 from torch import nn
-
-from engine.config import ModelConfig
-from engine.model import PagedAttention
 
 GIB = 1 << 30
 

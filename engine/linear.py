@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diptych.kernels import ops
+from diptych.kernels.quantized_linear import QuantizedWeight
+from diptych.kernels.skinny_linear import use_skinny
 from torch import nn
-
-import kernels
-from kernels.quantized_linear import QuantizedWeight
-from kernels.skinny_linear import use_skinny
 
 MIN_PACKED_ROWS = 4
 MAX_PACKED_ROWS = 96
@@ -59,10 +58,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_skinny(x, self.weight):
-            return kernels.skinny_linear(x, self.weight, self.bias)
+            return ops.skinny_linear(x, self.weight, self.bias)
         quantized = self._quantized_for(x)
         if quantized is not None:
-            return kernels.quantized_linear(x, quantized, self.bias)
+            return ops.quantized_linear(x, quantized, self.bias)
         if self._takes_packed_path(x):
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self._packed_weight(), self.bias, "none", [], ""

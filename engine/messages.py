@@ -12,7 +12,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engine.llm_engine import EngineConfig
+    from diptych.engine.llm_engine import EngineConfig
 
 
 class SamplingParamsError(ValueError):

@@ -10,15 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from diptych.engine.config import ModelConfig
+from diptych.engine.forward_context import get_attention_metadata
+from diptych.engine.linear import Linear
+from diptych.engine.rope import cos_sin_cache
+from diptych.kernels import ops
+from diptych.kernels.quantized_linear import QuantizedWeight
+from diptych.kernels.skinny_linear import use_skinny
 from torch import nn
-
-import kernels
-from engine.config import ModelConfig
-from engine.forward_context import get_attention_metadata
-from engine.linear import Linear
-from engine.rope import cos_sin_cache
-from kernels.quantized_linear import QuantizedWeight
-from kernels.skinny_linear import use_skinny
 
 
 class RMSNorm(nn.Module):
@@ -31,8 +30,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return kernels.rms_norm(x, self.weight, self.eps), x
-        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return ops.rms_norm(x, self.weight, self.eps), x
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class PagedAttention(nn.Module):
@@ -54,15 +53,15 @@ class PagedAttention(nn.Module):
         cos_sin: torch.Tensor,
     ) -> torch.Tensor:
         meta = get_attention_metadata()
-        kernels.rope_and_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
+        ops.rope_and_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.kv_hook is not None:
             meta.kv_hook(self.layer_idx, k, v)
         if meta.is_decode:
-            out, _ = kernels.decode_attention(
+            out, _ = ops.decode_attention(
                 q, self.k_cache, self.v_cache, meta.kv_lens, meta.block_tables, self.scale
             )
             return out
-        return kernels.prefill_attention(
+        return ops.prefill_attention(
             q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, self.scale
         )
 
@@ -95,8 +94,8 @@ class LlamaMLP(nn.Module):
         gate_up = self.gate_up_proj
         if gate_up.bias is None and use_skinny(x, gate_up.weight):
             # One kernel for the projection and the SwiGLU gate: the [T, 2I] product never reaches HBM.
-            return self.down_proj(kernels.skinny_linear(x, gate_up.weight, fuse_silu=True))
-        return self.down_proj(kernels.silu_and_mul(gate_up(x)))
+            return self.down_proj(ops.skinny_linear(x, gate_up.weight, fuse_silu=True))
+        return self.down_proj(ops.silu_and_mul(gate_up(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

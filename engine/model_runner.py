@@ -21,15 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from engine.cuda_graphs import DecodeGraphs, decode_input_fields, packed_offsets, unpack
-from engine.forward_context import AttentionMetadata, KVHook, forward_context
-from engine.host_staging import BlockTableMirror, HostStaging, TokenLanding
-from engine.kv_cache import PagedKVCache
-from engine.model import LlamaForCausalLM
-from engine.sampler import SamplerOutput, SamplingBatch, argmax_suffices, greedy_argmax, sample
-from engine.scheduler import ScheduledChunk, SchedulerOutput
-from engine.sequence import Sequence
+from diptych.engine.cuda_graphs import DecodeGraphs, decode_input_fields, packed_offsets, unpack
+from diptych.engine.forward_context import AttentionMetadata, KVHook, forward_context
+from diptych.engine.host_staging import BlockTableMirror, HostStaging, TokenLanding
+from diptych.engine.kv_cache import PagedKVCache
+from diptych.engine.model import LlamaForCausalLM
+from diptych.engine.sampler import SamplerOutput, SamplingBatch, argmax_suffices, greedy_argmax, sample
+from diptych.engine.scheduler import ScheduledChunk, SchedulerOutput
+from diptych.engine.sequence import Sequence
 
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 

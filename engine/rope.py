@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from engine.config import RopeScaling
+from diptych.engine.config import RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.messages import FinishReason
-from engine.sequence import SeqStatus, Sequence
+from diptych.engine.block_manager import BlockManager
+from diptych.engine.messages import FinishReason
+from diptych.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.messages import FinishReason, SamplingParams
+from diptych.engine.messages import FinishReason, SamplingParams
 
 
 class SeqStatus(enum.Enum):

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from kernels.dispatch import use_triton
+from diptych.kernels.dispatch import use_triton
 
 
 @triton.jit

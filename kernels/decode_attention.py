@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from kernels import native
-from kernels.dispatch import use_native, use_pdl, use_triton
-from kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
-from kernels.step_memo import StepMemo
+from diptych.kernels import native
+from diptych.kernels.dispatch import use_native, use_pdl, use_triton
+from diptych.kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
+from diptych.kernels.step_memo import StepMemo
 
 LOG2_E = 1.4426950408889634  # 1/ln 2: the kernels use exp2, so log2(e) is folded into the softmax scale
 LN_2 = tl.constexpr(0.6931471805599453)  # ln 2: converts the base-2 LSE back to natural log (read in-kernel)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.dispatch import use_triton
-from kernels.step_memo import StepMemo
+from diptych.kernels.dispatch import use_triton
+from diptych.kernels.step_memo import StepMemo
 
 
 @triton.jit

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from kernels import native
-from kernels.dispatch import use_native
+from diptych.kernels import native
+from diptych.kernels.dispatch import use_native
 
 BLOCK = 32  # weights per quantization block, along the input dimension
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.dispatch import use_pdl, use_triton
-from kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
+from diptych.kernels.dispatch import use_pdl, use_triton
+from diptych.kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
 
 
 @triton.jit

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.dispatch import use_triton
-from kernels.step_memo import StepMemo
+from diptych.kernels.dispatch import use_triton
+from diptych.kernels.step_memo import StepMemo
 
 # The table rows of one step's positions, shared by every layer (see kernels/step_memo.py).
 _TABLES: StepMemo[tuple[torch.Tensor, torch.Tensor]] = StepMemo()

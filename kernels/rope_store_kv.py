@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.dispatch import use_pdl, use_triton
-from kernels.kv_cache_write import store_kv_cache
-from kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
-from kernels.rope import apply_rope, load_rotation, rotate_heads
+from diptych.kernels.dispatch import use_pdl, use_triton
+from diptych.kernels.kv_cache_write import store_kv_cache
+from diptych.kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
+from diptych.kernels.rope import apply_rope, load_rotation, rotate_heads
 
 
 @triton.jit

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from kernels.dispatch import use_pdl, use_triton
-from kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
+from diptych.kernels.dispatch import use_pdl, use_triton
+from diptych.kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
 
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows: the batch is padded up to it
 # Rows up to which Linear takes this kernel on a GPU. At one row it streamed Llama-3-8B's qkv, o, down and

@@ -13,13 +13,19 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-
-from engine.engine_thread import EngineThread, deliver
-from engine.forward_context import KVHook
-from engine.kv_transfer import ChannelSpec, KVStreamSender, Segment, TransferTimeout, open_channel
-from engine.llm_engine import LLMEngine, RequestError
-from engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta, WorkerSpec, request_tag
-from engine.scheduler import SchedulerOutput
+from diptych.engine.engine_thread import EngineThread, deliver
+from diptych.engine.forward_context import KVHook
+from diptych.engine.kv_transfer import ChannelSpec, KVStreamSender, Segment, TransferTimeout, open_channel
+from diptych.engine.llm_engine import LLMEngine, RequestError
+from diptych.engine.messages import (
+    FinishReason,
+    GenerateRequest,
+    LoadReport,
+    TokenDelta,
+    WorkerSpec,
+    request_tag,
+)
+from diptych.engine.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
 # How a request's error says its KV channel is gone: the controller then opens a new one on next use.

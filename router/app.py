@@ -7,25 +7,24 @@ import time
 import uuid
 from collections.abc import Callable
 
+from diptych.engine.messages import GenerateRequest
+from diptych.engine.tokenizer import Tokenizer
+from diptych.router.backend import GenerationBackend
+from diptych.router.body import read_json_object
+from diptych.router.errors import APIError, install_error_handlers
+from diptych.router.guard import guarded
+from diptych.router.lifecycle import generate_text
+from diptych.router.metrics import GatewayMetrics
+from diptych.router.preprocess import build_request, chat_prompt, completion_prompt
+from diptych.router.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from diptych.router.render import ChatRenderer, CompletionRenderer, Renderer
+from diptych.router.settings import GatewaySettings
+from diptych.router.state import Admission, Gateway
+from diptych.router.streaming import sse_stream
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from engine.messages import GenerateRequest
-from engine.tokenizer import Tokenizer
-from router.backend import GenerationBackend
-from router.body import read_json_object
-from router.errors import APIError, install_error_handlers
-from router.guard import guarded
-from router.lifecycle import generate_text
-from router.metrics import GatewayMetrics
-from router.preprocess import build_request, chat_prompt, completion_prompt
-from router.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from router.render import ChatRenderer, CompletionRenderer, Renderer
-from router.settings import GatewaySettings
-from router.state import Admission, Gateway
-from router.streaming import sse_stream
 
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the response; nobody receives it
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from enum import Enum
 
-from engine.messages import GenerateRequest, LoadReport, TokenDelta
+from diptych.engine.messages import GenerateRequest, LoadReport, TokenDelta
 
 
 class BackendUnavailableError(RuntimeError):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from diptych.router.errors import APIError, bad_request
 from starlette.requests import Request
-
-from router.errors import APIError, bad_request
 
 
 def _too_large(limit: int) -> APIError:

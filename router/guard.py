@@ -12,9 +12,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
+from diptych.router.errors import APIError
 from starlette.requests import Request
-
-from router.errors import APIError
 
 T = TypeVar("T")
 

@@ -12,11 +12,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.messages import FinishReason, GenerateRequest, TokenDelta
-from router.backend import BackendOverloadedError, BackendRejectedError, BackendUnavailableError
-from router.errors import APIError, bad_request
-from router.state import Gateway
+from diptych.engine.detokenizer import IncrementalDetokenizer
+from diptych.engine.messages import FinishReason, GenerateRequest, TokenDelta
+from diptych.router.backend import BackendOverloadedError, BackendRejectedError, BackendUnavailableError
+from diptych.router.errors import APIError, bad_request
+from diptych.router.state import Gateway
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-from engine.messages import GenerateRequest, LoadReport
+from diptych.engine.messages import GenerateRequest, LoadReport
 
 
 class NoWorkerError(RuntimeError):

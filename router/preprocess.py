@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from engine.messages import GenerateRequest, SamplingParams, SamplingParamsError
-from engine.tokenizer import Tokenizer
-from router.errors import bad_request
-from router.protocol import ChatCompletionRequest, CompletionRequest
+from diptych.engine.messages import GenerateRequest, SamplingParams, SamplingParamsError
+from diptych.engine.tokenizer import Tokenizer
+from diptych.router.errors import bad_request
+from diptych.router.protocol import ChatCompletionRequest, CompletionRequest
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 

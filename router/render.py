@@ -7,11 +7,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel
-
-from engine.tokenizer import Tokenizer
-from router.lifecycle import TextDelta, Usage
-from router.protocol import (
+from diptych.engine.tokenizer import Tokenizer
+from diptych.router.lifecycle import TextDelta, Usage
+from diptych.router.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -25,6 +23,7 @@ from router.protocol import (
     TokenLogprob,
     UsageInfo,
 )
+from pydantic import BaseModel
 
 
 def usage_info(usage: Usage) -> UsageInfo:

@@ -7,11 +7,11 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.tokenizer import Tokenizer
-from router.backend import GenerationBackend
-from router.errors import APIError, retry_later
-from router.metrics import GatewayMetrics
-from router.settings import GatewaySettings
+from diptych.engine.tokenizer import Tokenizer
+from diptych.router.backend import GenerationBackend
+from diptych.router.errors import APIError, retry_later
+from diptych.router.metrics import GatewayMetrics
+from diptych.router.settings import GatewaySettings
 
 
 class Admission:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+from diptych.router.errors import APIError
+from diptych.router.lifecycle import TextDelta
+from diptych.router.render import Renderer
 from pydantic import BaseModel
-
-from router.errors import APIError
-from router.lifecycle import TextDelta
-from router.render import Renderer
 
 DONE = "data: [DONE]\n\n"
 

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from diptych.engine.llm_engine import LLMEngine
     from transformers import PreTrainedModel
-
-    from engine.llm_engine import LLMEngine
 
 TINY_SHAPE: dict[str, Any] = dict(
     vocab_size=384,
@@ -64,7 +63,7 @@ def save_tiny_hf_model(directory: Path, kind: str) -> str:
 
 
 def make_engine(model: str | None, **overrides: object) -> LLMEngine:
-    from engine.llm_engine import EngineConfig, LLMEngine
+    from diptych.engine.llm_engine import EngineConfig, LLMEngine
 
     settings: dict[str, object] = dict(
         model=model,
@@ -87,10 +86,10 @@ def make_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int
 def prefill_logits(engine: LLMEngine, prompts: list[list[int]], chunk: int) -> list[torch.Tensor]:
     """Logits at every prompt position, computed in steps of at most `chunk` tokens per sequence,
     all sequences batched together in each step (through the engine's own runner and paged cache)."""
-    from engine.forward_context import forward_context
-    from engine.messages import SamplingParams
-    from engine.scheduler import ScheduledChunk
-    from engine.sequence import Sequence
+    from diptych.engine.forward_context import forward_context
+    from diptych.engine.messages import SamplingParams
+    from diptych.engine.scheduler import ScheduledChunk
+    from diptych.engine.sequence import Sequence
 
     seqs = [Sequence(f"prefill-{i}", list(p), SamplingParams(), seed=0) for i, p in enumerate(prompts)]
     for s in seqs:
@@ -118,7 +117,7 @@ def prefill_logits(engine: LLMEngine, prompts: list[list[int]], chunk: int) -> l
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
     """transformers' own greedy continuation of one prompt, exactly new_tokens long (EOS does not stop it)."""
-    from bench.hf_reference import hf_greedy_generate
+    from tests.hf_reference import hf_greedy_generate
 
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
     return hf_greedy_generate(model, ids, new_tokens)[0, len(prompt) :].tolist()

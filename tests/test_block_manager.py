@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from engine.block_manager import BlockManager, chain_hash
+from diptych.engine.block_manager import BlockManager, chain_hash
 
 
 def test_back_pressure_returns_none_or_false_and_changes_nothing() -> None:

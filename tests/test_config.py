@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from cluster.config import (
+from diptych.cluster.config import (
     ConfigError,
     DeploymentConfig,
     ModelSection,
@@ -20,8 +19,8 @@ from cluster.config import (
     parse_config,
     with_overrides,
 )
-from engine.config import PRESETS
-from engine.loader import GGUF_MAGIC, resolve_model
+from diptych.engine.config import PRESETS
+from diptych.engine.loader import GGUF_MAGIC, resolve_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SECTIONS = {f.name: f.type for f in dataclasses.fields(DeploymentConfig)}

@@ -12,18 +12,18 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from diptych.engine.config import ModelConfig, preset
+from diptych.engine.cuda_graphs import MAX_GRAPH_BATCH, decode_input_fields, graph_batch_sizes, unpack
+from diptych.engine.forward_context import forward_context
+from diptych.engine.kv_cache import PagedKVCache
+from diptych.engine.llm_engine import EngineConfig, LLMEngine
+from diptych.engine.messages import SamplingParams
+from diptych.engine.model import LlamaForCausalLM, build_model, init_random_weights
+from diptych.engine.model_runner import ModelRunner, StepInputs
+from diptych.engine.sampler import SamplingBatch, sample
+from diptych.engine.scheduler import ScheduledChunk
+from diptych.engine.sequence import Sequence
 
-from engine.config import ModelConfig, preset
-from engine.cuda_graphs import MAX_GRAPH_BATCH, decode_input_fields, graph_batch_sizes, unpack
-from engine.forward_context import forward_context
-from engine.kv_cache import PagedKVCache
-from engine.llm_engine import EngineConfig, LLMEngine
-from engine.messages import SamplingParams
-from engine.model import LlamaForCausalLM, build_model, init_random_weights
-from engine.model_runner import ModelRunner, StepInputs
-from engine.sampler import SamplingBatch, sample
-from engine.scheduler import ScheduledChunk
-from engine.sequence import Sequence
 from tests.factories import make_engine, make_prompts
 
 SHAPE = preset("smollm2-135m")

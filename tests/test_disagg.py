@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import pytest
 import ray
+from diptych.cluster.config import parse_config
+from diptych.cluster.up import serve
+from diptych.engine.messages import SamplingParams
+from diptych.engine.tokenizer import Tokenizer, load_tokenizer
 
-from cluster.config import parse_config
-from cluster.up import serve
-from engine.messages import SamplingParams
-from engine.tokenizer import Tokenizer, load_tokenizer
 from tests.factories import make_engine
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer(gateway: str) -> Tokenizer:
-    from engine.loader import resolve_model
+    from diptych.engine.loader import resolve_model
 
     return load_tokenizer(resolve_model(None))
 

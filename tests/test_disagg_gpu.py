@@ -12,8 +12,7 @@ import uuid
 
 import pytest
 import torch
-
-from engine.messages import GenerateRequest, SamplingParams
+from diptych.engine.messages import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.gpu
 
@@ -24,11 +23,11 @@ PROMPT_LENGTHS = [7, 40, 129, 300]
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_nccl_disaggregated_greedy_equals_single_gpu_engine() -> None:
     ray = pytest.importorskip("ray")
-    from cluster.config import parse_config
-    from cluster.controller import Controller
-    from cluster.disagg_backend import DisaggregatedBackend
-    from engine.llm_engine import EngineConfig, LLMEngine
-    from router.policy import make_policy
+    from diptych.cluster.config import parse_config
+    from diptych.cluster.controller import Controller
+    from diptych.cluster.disagg_backend import DisaggregatedBackend
+    from diptych.engine.llm_engine import EngineConfig, LLMEngine
+    from diptych.router.policy import make_policy
 
     params = SamplingParams(max_tokens=24, temperature=0.0)
     config = parse_config(

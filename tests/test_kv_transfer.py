@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-from engine.kv_transfer import (
+from diptych.engine.kv_transfer import (
     MAX_SEGMENTS,
     SENDER_RANK,
     ChannelListener,

@@ -12,9 +12,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from diptych.engine import loader
+from diptych.engine.config import RopeScaling
+from diptych.engine.gguf_weights import QUANTIZED_KERNEL_TYPES
+from diptych.engine.linear import Linear
+from diptych.engine.loader import ModelLoadError, ModelSource, iter_weights, load_model_config, resolve_model
+from diptych.engine.messages import SamplingParams
 from gguf import GGMLQuantizationType as Q
 from transformers import (
-    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -22,13 +27,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from engine import loader
-from engine.config import RopeScaling
-from engine.gguf_weights import QUANTIZED_KERNEL_TYPES
-from engine.linear import Linear
-from engine.loader import ModelLoadError, ModelSource, iter_weights, load_model_config, resolve_model
-from engine.messages import SamplingParams
 from tests.factories import make_engine, prefill_logits
+from tests.hf_reference import load_hf_causal_lm
 
 TINY: dict[str, Any] = dict(
     vocab_size=96,
@@ -313,9 +313,8 @@ def test_llama3_rope_scaling_from_config_json(tmp_path: Path, layout: str) -> No
 @pytest.fixture(scope="module")
 def smollm() -> tuple[ModelSource, PreTrainedModel]:
     source = resolve_model(None)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path.parent, gguf_file=source.path.name, dtype=torch.float32, local_files_only=True
-    )
+    model = load_hf_causal_lm(source.path)
+    assert isinstance(model, PreTrainedModel)
     return source, model
 
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diptych.engine.kv_cache import kv_block_bytes
+from diptych.engine.messages import SamplingParams
 
-from engine.kv_cache import kv_block_bytes
-from engine.messages import SamplingParams
 from tests.factories import hf_greedy, make_engine, make_prompts, prefill_logits
+from tests.hf_reference import load_hf_causal_lm
 
 PROMPT_LENGTHS = [5, 11, 18, 31]
 KINDS = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_llama3_dir"]
 
 
 def hf_model(path: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return load_hf_causal_lm(path)
 
 
 @pytest.mark.parametrize("kind", KINDS)

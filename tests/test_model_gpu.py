@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diptych.engine.messages import SamplingParams
 
-from engine.messages import SamplingParams
 from tests.factories import hf_greedy, make_engine, make_prompts, prefill_logits
+from tests.hf_reference import load_hf_causal_lm
 
 pytestmark = pytest.mark.gpu
 KINDS = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_llama3_dir"]
@@ -17,10 +18,7 @@ BF16_REL_L2 = 2e-2
 
 
 def hf_on_gpu(path: str, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.cuda().eval()
+    return load_hf_causal_lm(path, dtype).cuda()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -49,12 +47,12 @@ def test_fp32_greedy_tokens_equal_transformers(kind: str, request: pytest.Fixtur
 
 
 def test_a_single_row_mlp_runs_the_skinny_kernel_and_matches_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """At one row the MLP's gate/up (with the SwiGLU gate fused) and down both take kernels.skinny_linear,
+    """At one row the MLP's gate/up (with the SwiGLU gate fused) and down both take kernels.ops.skinny_linear,
     and the result is the fp32 product's within bf16 precision."""
-    import kernels
-    from engine.config import ModelConfig
-    from engine.model import LlamaMLP
-    from kernels.activation import silu_and_mul_reference
+    from diptych.engine.config import ModelConfig
+    from diptych.engine.model import LlamaMLP
+    from diptych.kernels import ops
+    from diptych.kernels.activation import silu_and_mul_reference
 
     config = ModelConfig(
         vocab_size=256, hidden_size=256, intermediate_size=704, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -62,13 +60,13 @@ def test_a_single_row_mlp_runs_the_skinny_kernel_and_matches_fp32(monkeypatch: p
     )  # fmt: skip
     mlp = LlamaMLP(config).to("cuda", torch.bfloat16)
     fused_flags: list[bool] = []
-    real = kernels.skinny_linear
+    real = ops.skinny_linear
 
     def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fuse_silu: bool = False):
         fused_flags.append(fuse_silu)
         return real(x, weight, bias, fuse_silu)
 
-    monkeypatch.setattr(kernels, "skinny_linear", spy)
+    monkeypatch.setattr(ops, "skinny_linear", spy)
     x = torch.randn(1, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         got = mlp(x).float()

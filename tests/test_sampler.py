@@ -9,9 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-
-from engine.messages import SamplingParams
-from engine.sampler import (
+from diptych.engine.messages import SamplingParams
+from diptych.engine.sampler import (
     SamplingBatch,
     chunked_argmax,
     greedy_argmax,

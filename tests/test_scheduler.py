@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine.block_manager import BlockManager
-from engine.messages import FinishReason, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import SeqStatus, Sequence
+from diptych.engine.block_manager import BlockManager
+from diptych.engine.messages import FinishReason, SamplingParams
+from diptych.engine.scheduler import Scheduler, SchedulerConfig
+from diptych.engine.sequence import SeqStatus, Sequence
 
 
 def make_scheduler(

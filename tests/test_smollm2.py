@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diptych.engine.loader import embedded_model_path
+from diptych.engine.messages import SamplingParams
+from diptych.engine.tokenizer import load_tokenizer
 
-from engine.loader import embedded_model_path
-from engine.messages import SamplingParams
-from engine.tokenizer import load_tokenizer
 from tests.factories import make_engine
+from tests.hf_reference import load_hf_causal_lm
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -24,12 +25,7 @@ def engine():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def hf_smollm2() -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    path = embedded_model_path()
-    return AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, torch_dtype=torch.float32
-    ).eval()
+    return load_hf_causal_lm(embedded_model_path())
 
 
 def test_greedy_chat_tokens_match_transformers(engine, hf_smollm2: torch.nn.Module) -> None:  # type: ignore[no-untyped-def]

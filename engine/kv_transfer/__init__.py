@@ -1,7 +1,7 @@
 """KV transport from prefill to decode workers: channels (gloo, NCCL) and the layer-wise stream protocol."""
 
-from engine.kv_transfer import torch_dist  # registers the "gloo" and "nccl" transports
-from engine.kv_transfer.base import (
+from diptych.engine.kv_transfer import torch_dist  # registers the "gloo" and "nccl" transports
+from diptych.engine.kv_transfer.base import (
     RECEIVER_RANK,
     SENDER_RANK,
     TRANSPORTS,
@@ -15,7 +15,7 @@ from engine.kv_transfer.base import (
     listen_channel,
     open_channel,
 )
-from engine.kv_transfer.protocol import (
+from diptych.engine.kv_transfer.protocol import (
     HEADER_WORDS,
     MAX_SEGMENTS,
     KVLayout,

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from enum import IntFlag
 
 import torch
-
-from engine.kv_transfer.base import Handle, KVChannel, TransferError
+from diptych.engine.kv_transfer.base import Handle, KVChannel, TransferError
 
 HEADER_WORDS = 1024  # 8 KiB of int64
 _MAGIC = 0x4450_4B56  # "DPKV"

@@ -9,9 +9,7 @@ import time
 from datetime import timedelta
 
 import torch
-from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore, Work
-
-from engine.kv_transfer.base import (
+from diptych.engine.kv_transfer.base import (
     SENDER_RANK,
     ChannelClosed,
     ChannelSpec,
@@ -19,6 +17,7 @@ from engine.kv_transfer.base import (
     KVChannel,
     register_transport,
 )
+from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore, Work
 
 # A wait without a deadline (the idle wait for the next step header) must never expire; deadlines of the
 # waits that have one are enforced per wait.

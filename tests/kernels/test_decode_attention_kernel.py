@@ -7,17 +7,17 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
-from kernels.decode_attention import (
+from diptych.kernels.decode_attention import (
     DecodeTileConfig,
     decode_attention_native,
     decode_attention_reference,
     decode_attention_triton,
 )
+
 from tests.kernels.helpers import Target, make_paged_kv, naive_attention
 
 # The module, not the function `kernels` re-exports under the same name.
-decode_attention_module = importlib.import_module("kernels.decode_attention")
+decode_attention_module = importlib.import_module("diptych.kernels.decode_attention")
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 CPU_FP32 = Target("cpu", torch.float32, atol=1e-5, rtol=1e-5)

@@ -6,12 +6,11 @@ import importlib
 
 import pytest
 import torch
-
-import kernels
-from kernels.dispatch import use_triton
+from diptych.kernels import ops
+from diptych.kernels.dispatch import use_triton
 
 # The package re-exports the function `rms_norm`, which shadows the submodule of the same name.
-rms_norm_module = importlib.import_module("kernels.rms_norm")
+rms_norm_module = importlib.import_module("diptych.kernels.rms_norm")
 
 
 @pytest.mark.parametrize(
@@ -38,5 +37,5 @@ def test_public_op_takes_the_chosen_path(monkeypatch: pytest.MonkeyPatch, mode: 
     monkeypatch.setenv("DIPTYCH_KERNELS", mode)
     calls: list[str] = []
     monkeypatch.setattr(rms_norm_module, path, lambda *args: calls.append(path))
-    kernels.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-5)
+    ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-5)
     assert calls == [path]

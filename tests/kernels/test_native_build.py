@@ -6,8 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from kernels import native
+from diptych.kernels import native
 
 
 @pytest.fixture

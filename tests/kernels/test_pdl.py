@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diptych.engine.rope import cos_sin_cache
+from diptych.kernels import ops
+from diptych.kernels.dispatch import PDL_MAX_ROWS, use_pdl
 
-import kernels
-from engine.rope import cos_sin_cache
-from kernels.dispatch import PDL_MAX_ROWS, use_pdl
 from tests.kernels.helpers import Target, make_paged_kv
 
 needs_hopper = pytest.mark.skipif(
@@ -39,19 +39,19 @@ def one_row_layer(weights: dict[str, torch.Tensor], kv: dict[str, torch.Tensor])
     """A Llama decoder layer at one token, through the ops that launch with PDL at one row; every kernel
     reads what the one before it wrote."""
     x, eps = kv["x"], 1e-5
-    normed = kernels.rms_norm(x, weights["norm1"], eps)
-    q, k, v = kernels.skinny_linear(normed, weights["qkv"]).split(
+    normed = ops.rms_norm(x, weights["norm1"], eps)
+    q, k, v = ops.skinny_linear(normed, weights["qkv"]).split(
         [Q_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1
     )
     q = q.view(1, Q_HEADS, HEAD_DIM)
     k, v = k.view(1, KV_HEADS, HEAD_DIM), v.view(1, KV_HEADS, HEAD_DIM)
     caches = kv["k_cache"], kv["v_cache"]
-    kernels.rope_and_store_kv(q, k, v, kv["position"], kv["cos_sin"], *caches, kv["slot"])
-    attended, _ = kernels.decode_attention(q, *caches, kv["kv_lens"], kv["block_tables"], HEAD_DIM**-0.5)
-    out = kernels.skinny_linear(attended.view(1, -1), weights["o"])
-    normed, residual = kernels.fused_add_rms_norm(out, x, weights["norm2"], eps)
-    gated = kernels.skinny_linear(normed, weights["gate_up"], fuse_silu=True)
-    return kernels.skinny_linear(gated, weights["down"]) + residual
+    ops.rope_and_store_kv(q, k, v, kv["position"], kv["cos_sin"], *caches, kv["slot"])
+    attended, _ = ops.decode_attention(q, *caches, kv["kv_lens"], kv["block_tables"], HEAD_DIM**-0.5)
+    out = ops.skinny_linear(attended.view(1, -1), weights["o"])
+    normed, residual = ops.fused_add_rms_norm(out, x, weights["norm2"], eps)
+    gated = ops.skinny_linear(normed, weights["gate_up"], fuse_silu=True)
+    return ops.skinny_linear(gated, weights["down"]) + residual
 
 
 @pytest.mark.gpu

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from diptych.engine.gguf_weights import QUANTIZED_KERNEL_TYPES, split_blocks
+from diptych.kernels.quantized_linear import QuantizedWeight, quantized_linear, quantized_linear_reference
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from engine.gguf_weights import QUANTIZED_KERNEL_TYPES, split_blocks
-from kernels.quantized_linear import QuantizedWeight, quantized_linear, quantized_linear_reference
-
 # The module, not the function `kernels` re-exports under the same name.
-quantized_linear_module = importlib.import_module("kernels.quantized_linear")
+quantized_linear_module = importlib.import_module("diptych.kernels.quantized_linear")
 pytestmark = pytest.mark.usefixtures("poison_empty")
 Q = GGMLQuantizationType
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels.skinny_linear import (
+from diptych.kernels.skinny_linear import (
     SkinnyConfig,
     default_skinny_config,
     skinny_linear_reference,
     skinny_linear_triton,
     use_skinny,
 )
+
 from tests.kernels.helpers import Target
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
