@@ -25,13 +25,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import PreTrainedModel
+
+from bench.results import Row, write_result
 from diptych.engine.linear import Linear
 from diptych.engine.llm_engine import EngineConfig, LLMEngine
 from diptych.engine.loader import embedded_model_path
 from diptych.engine.messages import SamplingParams
-from transformers import PreTrainedModel
-
-from bench.results import Row, write_result
 from tests.hf_reference import hf_greedy_generate, load_hf_causal_lm
 
 Run = Callable[[], None]

@@ -21,15 +21,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from bench.ceilings import copy_bandwidth, matmul_rate
+from bench.results import Row, write_result
 from diptych.cluster.config import parse_config
 from diptych.cluster.controller import Controller
 from diptych.cluster.disagg_backend import DisaggregatedBackend
 from diptych.engine.config import preset
 from diptych.engine.messages import GenerateRequest, SamplingParams
 from diptych.router.policy import make_policy
-
-from bench.ceilings import copy_bandwidth, matmul_rate
-from bench.results import Row, write_result
 
 
 @dataclass

@@ -25,13 +25,13 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+
+from bench.ceilings import against_target, copy_bandwidth, matmul_rate
+from bench.results import Row, write_result
 from diptych.engine.config import ModelConfig
 from diptych.engine.llm_engine import EngineConfig, LLMEngine, load_model
 from diptych.engine.messages import GenerateRequest, SamplingParams, TokenDelta
 from diptych.engine.model import init_random_weights
-
-from bench.ceilings import against_target, copy_bandwidth, matmul_rate
-from bench.results import Row, write_result
 from tests.hf_reference import hf_greedy_generate
 
 PRESET = "llama3-8b"

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import triton.testing
-from diptych.kernels.decode_attention import DecodeTileConfig, decode_attention_triton
-from diptych.kernels.prefill_attention import TileConfig, prefill_attention_triton
 
 from bench.ceilings import against_target, copy_bandwidth
 from bench.results import Row, write_result
+from diptych.kernels.decode_attention import DecodeTileConfig, decode_attention_triton
+from diptych.kernels.prefill_attention import TileConfig, prefill_attention_triton
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DECODE_CASES = ((32, 8192), (1, 8192), (128, 8192), (32, 1024), (32, 32768))  # (batch, context)

@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from bench.results import Row, write_result
 from diptych.engine.config import ModelConfig
 from diptych.engine.llm_engine import EngineConfig, LLMEngine
 from diptych.engine.messages import GenerateRequest, SamplingParams, TokenDelta
 from diptych.engine.model import build_model, init_random_weights
-
-from bench.results import Row, write_result
 
 CONTEXT = 2048
 BATCHES = (1, 8, 64)

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from bench.results import Row, format_table, write_result
 from diptych.engine.kv_transfer import (
     SENDER_RANK,
     ChannelListener,
@@ -32,8 +34,6 @@ from diptych.engine.kv_transfer import (
     StepHeader,
     open_channel,
 )
-
-from bench.results import Row, format_table, write_result
 
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE, TOKENS = 32, 8, 128, torch.bfloat16, 8192
 STEP_BYTES = LAYERS * 2 * TOKENS * KV_HEADS * HEAD_DIM * DTYPE.itemsize  # 1 GiB

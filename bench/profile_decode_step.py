@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from diptych.engine.llm_engine import LLMEngine
-from diptych.engine.messages import GenerateRequest, TokenDelta
-from diptych.engine.sampler import SamplingBatch, sample
 from torch.profiler import ProfilerActivity, profile
 
 from bench.ceilings import copy_bandwidth
 from bench.gpu_engine import CONTEXT, decode_roofline_seconds, engine_config, greedy, random_prompts
+from diptych.engine.llm_engine import LLMEngine
+from diptych.engine.messages import GenerateRequest, TokenDelta
+from diptych.engine.sampler import SamplingBatch, sample
 
 STEPS = 20
 

@@ -28,12 +28,6 @@ from typing import Any
 import torch
 import triton
 import triton.testing
-from diptych.kernels.decode_attention import (
-    DecodeTileConfig,
-    decode_attention_reference,
-    default_decode_config,
-    default_num_splits,
-)
 
 from bench.ceilings import start_gpu_sweep
 from bench.gpu_kernels import (
@@ -50,6 +44,12 @@ from bench.gpu_kernels import (
     rotating,
 )
 from bench.results import RESULTS_DIR, result_header
+from diptych.kernels.decode_attention import (
+    DecodeTileConfig,
+    decode_attention_reference,
+    default_decode_config,
+    default_num_splits,
+)
 
 SHAPES = ((32, 8192), (1, 8192), (32, 1024), (128, 8192))  # (batch, context); the first names the headline
 HEADLINE = "B32_L8192"

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diptych.kernels.prefill_attention import TileConfig, default_tile_config
 
 from bench.gpu_kernels import (
     BLOCK_SIZE,
@@ -34,6 +33,7 @@ from bench.gpu_kernels import (
     prefill_inputs,
 )
 from bench.results import RESULTS_DIR, result_header
+from diptych.kernels.prefill_attention import TileConfig, default_tile_config
 
 # Shapes the sm_90 build (Triton 3.6) takes within 227 KB of shared memory, plain and with the structural
 # variants of TileConfig. Registers / shared memory per program from an sm_90 AOT build: 128x128 s3 255 /

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import triton.testing
-from diptych.kernels.activation import silu_and_mul_triton
-from diptych.kernels.skinny_linear import SkinnyConfig, default_skinny_config, skinny_linear_triton
 
 from bench.ceilings import start_gpu_sweep
 from bench.gpu_kernels import num_copies, rotating
 from bench.results import RESULTS_DIR, result_header
+from diptych.kernels.activation import silu_and_mul_triton
+from diptych.kernels.skinny_linear import SkinnyConfig, default_skinny_config, skinny_linear_triton
 
 DTYPE = torch.bfloat16
 # (name, out_features, in_features, fuse_silu): Llama-3-8B's projections and LM head.

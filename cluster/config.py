@@ -14,9 +14,10 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, TypeVar, get_type_hints
 
 import yaml
-from diptych.engine.config import PRESETS
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from pydantic_core import ErrorDetails
+
+from diptych.engine.config import PRESETS
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 TransportBackend = Literal["auto", "nccl", "gloo"]

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from diptych.cluster.config import DeploymentConfig
 from diptych.decode.worker import DecodeWorker
 from diptych.engine.kv_transfer import ChannelSpec
 from diptych.engine.llm_engine import EngineConfig
 from diptych.engine.messages import LoadReport, TransferSettings, WorkerSpec
 from diptych.prefill.worker import PrefillWorker
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import ray
+
 from diptych.cluster.controller import Controller
 from diptych.engine.llm_engine import RequestError
 from diptych.engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 import uvicorn
+
 from diptych.cluster.config import DeploymentConfig, load_config, with_overrides
 from diptych.cluster.controller import Controller
 from diptych.cluster.disagg_backend import DisaggregatedBackend

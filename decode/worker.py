@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
+
 from diptych.engine.engine_thread import EngineThread, deliver, drain_until_finished
 from diptych.engine.kv_transfer import ChannelListener, ChannelSpec, KVStreamReceiver, StepHeader
 from diptych.engine.llm_engine import LLMEngine

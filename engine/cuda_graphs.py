@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from diptych.engine.forward_context import AttentionMetadata, forward_context
 from diptych.engine.model import LlamaForCausalLM
 

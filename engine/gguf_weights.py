@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diptych.engine.config import ModelConfig, RopeScaling
-from diptych.kernels.quantized_linear import BLOCK, QuantizedWeight
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
+
+from diptych.engine.config import ModelConfig, RopeScaling
+from diptych.kernels.quantized_linear import BLOCK, QuantizedWeight
 
 _Q = GGMLQuantizationType
 # Types whose dequantization the tests check against an independent numpy reference.

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diptych.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from safetensors import SafetensorError, safe_open
+
+from diptych.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some checkpoints carry that are not parameters: RoPE frequencies are recomputed from the config.

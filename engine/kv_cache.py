@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from diptych.engine.config import ModelConfig
 from diptych.engine.model import PagedAttention
-from torch import nn
 
 GIB = 1 << 30
 

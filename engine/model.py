@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import nn
+
 from diptych.engine.config import ModelConfig
 from diptych.engine.forward_context import get_attention_metadata
 from diptych.engine.linear import Linear
@@ -17,7 +19,6 @@ from diptych.engine.rope import cos_sin_cache
 from diptych.kernels import ops
 from diptych.kernels.quantized_linear import QuantizedWeight
 from diptych.kernels.skinny_linear import use_skinny
-from torch import nn
 
 
 class RMSNorm(nn.Module):

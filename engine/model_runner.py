@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from diptych.engine.cuda_graphs import DecodeGraphs, decode_input_fields, packed_offsets, unpack
 from diptych.engine.forward_context import AttentionMetadata, KVHook, forward_context
 from diptych.engine.host_staging import BlockTableMirror, HostStaging, TokenLanding

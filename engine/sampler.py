@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diptych.engine.messages import SamplingParams
 from torch import Tensor
+
+from diptych.engine.messages import SamplingParams
 
 # Temperatures below this are greedy: dividing by them would overflow fp32 logits (vLLM uses the same cut).
 GREEDY_TEMPERATURE = 1e-5

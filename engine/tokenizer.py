@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from diptych.engine.loader import ModelLoadError, ModelSource
 from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from diptych.engine.loader import ModelLoadError, ModelSource
 
 # Stands in for an assistant reply so the text the template puts after a turn can be found.
 _TURN_MARKER = "diptych-turn-marker"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
 from diptych.kernels.dispatch import use_triton
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from diptych.kernels import native
 from diptych.kernels.dispatch import use_native, use_pdl, use_triton
 from diptych.kernels.pdl import let_next_kernel_start, wait_for_previous_kernel

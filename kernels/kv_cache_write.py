@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from diptych.kernels.dispatch import use_triton
 from diptych.kernels.step_memo import StepMemo
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch  # noqa: F401  # loads torch's libgomp first, which the library then shares (same soname)
+
 from diptych.kernels.dispatch import native_enabled
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from diptych.kernels import native
 from diptych.kernels.dispatch import use_native
 

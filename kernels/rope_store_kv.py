@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from diptych.kernels.dispatch import use_pdl, use_triton
 from diptych.kernels.kv_cache_write import store_kv_cache
 from diptych.kernels.pdl import let_next_kernel_start, wait_for_previous_kernel

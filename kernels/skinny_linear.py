@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
 from diptych.kernels.dispatch import use_pdl, use_triton
 from diptych.kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
 

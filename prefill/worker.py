@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+
 from diptych.engine.engine_thread import EngineThread, deliver
 from diptych.engine.forward_context import KVHook
 from diptych.engine.kv_transfer import ChannelSpec, KVStreamSender, Segment, TransferTimeout, open_channel

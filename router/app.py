@@ -7,6 +7,11 @@ import time
 import uuid
 from collections.abc import Callable
 
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from diptych.engine.messages import GenerateRequest
 from diptych.engine.tokenizer import Tokenizer
 from diptych.router.backend import GenerationBackend
@@ -21,10 +26,6 @@ from diptych.router.render import ChatRenderer, CompletionRenderer, Renderer
 from diptych.router.settings import GatewaySettings
 from diptych.router.state import Admission, Gateway
 from diptych.router.streaming import sse_stream
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the response; nobody receives it
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from diptych.router.errors import APIError, bad_request
 from starlette.requests import Request
+
+from diptych.router.errors import APIError, bad_request
 
 
 def _too_large(limit: int) -> APIError:

@@ -12,8 +12,9 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
-from diptych.router.errors import APIError
 from starlette.requests import Request
+
+from diptych.router.errors import APIError
 
 T = TypeVar("T")
 

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+
 from diptych.engine.tokenizer import Tokenizer
 from diptych.router.lifecycle import TextDelta, Usage
 from diptych.router.protocol import (
@@ -23,7 +25,6 @@ from diptych.router.protocol import (
     TokenLogprob,
     UsageInfo,
 )
-from pydantic import BaseModel
 
 
 def usage_info(usage: Usage) -> UsageInfo:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+from pydantic import BaseModel
+
 from diptych.router.errors import APIError
 from diptych.router.lifecycle import TextDelta
 from diptych.router.render import Renderer
-from pydantic import BaseModel
 
 DONE = "data: [DONE]\n\n"
 

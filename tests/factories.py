@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from diptych.engine.llm_engine import LLMEngine
     from transformers import PreTrainedModel
+
+    from diptych.engine.llm_engine import LLMEngine
 
 TINY_SHAPE: dict[str, Any] = dict(
     vocab_size=384,

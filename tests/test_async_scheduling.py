@@ -5,13 +5,13 @@ aborts, stops, new arrivals and preemption in between. The serial engine is the 
 from __future__ import annotations
 
 import torch
+
 from diptych.engine.block_manager import BlockManager
 from diptych.engine.kv_cache import kv_block_bytes
 from diptych.engine.llm_engine import LLMEngine
 from diptych.engine.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
 from diptych.engine.scheduler import Scheduler, SchedulerConfig
 from diptych.engine.sequence import Sequence
-
 from tests.factories import make_engine, make_prompts
 
 VOCAB = 384

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+
 from diptych.cluster.config import parse_config
 from diptych.cluster.controller import Controller
 from diptych.cluster.disagg_backend import DisaggregatedBackend
 from diptych.engine.messages import GenerateRequest, SamplingParams
 from diptych.router.policy import make_policy
-
 from tests.factories import TINY_SHAPE, make_engine
 
 pytestmark = pytest.mark.slow

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+
 from diptych.engine.config import ModelConfig, preset
 from diptych.engine.cuda_graphs import MAX_GRAPH_BATCH, decode_input_fields, graph_batch_sizes, unpack
 from diptych.engine.forward_context import forward_context
@@ -23,7 +24,6 @@ from diptych.engine.model_runner import ModelRunner, StepInputs
 from diptych.engine.sampler import SamplingBatch, sample
 from diptych.engine.scheduler import ScheduledChunk
 from diptych.engine.sequence import Sequence
-
 from tests.factories import make_engine, make_prompts
 
 SHAPE = preset("smollm2-135m")

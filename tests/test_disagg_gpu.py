@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 import torch
+
 from diptych.engine.messages import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.gpu

@@ -22,6 +22,9 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from openai.types.chat import ChatCompletionMessageParam
+from prometheus_client.parser import text_string_to_metric_families
+
 from diptych.engine.loader import resolve_model
 from diptych.engine.messages import FinishReason, GenerateRequest, LoadReport, SamplingParams, TokenDelta
 from diptych.engine.tokenizer import Tokenizer, load_tokenizer
@@ -29,8 +32,6 @@ from diptych.router.app import build_app
 from diptych.router.backend import BackendUnavailableError, GenerationBackend, Phase
 from diptych.router.policy import LeastLoaded, NoWorkerError, make_policy
 from diptych.router.settings import GatewaySettings
-from openai.types.chat import ChatCompletionMessageParam
-from prometheus_client.parser import text_string_to_metric_families
 
 TEXT = "The capital of France is Paris. It is known for the Eiffel Tower, museums and good food."
 MODEL = "smollm2-test"

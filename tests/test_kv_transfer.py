@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from diptych.engine.kv_transfer import (
     MAX_SEGMENTS,
     SENDER_RANK,

@@ -12,12 +12,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from diptych.engine import loader
-from diptych.engine.config import RopeScaling
-from diptych.engine.gguf_weights import QUANTIZED_KERNEL_TYPES
-from diptych.engine.linear import Linear
-from diptych.engine.loader import ModelLoadError, ModelSource, iter_weights, load_model_config, resolve_model
-from diptych.engine.messages import SamplingParams
 from gguf import GGMLQuantizationType as Q
 from transformers import (
     LlamaConfig,
@@ -27,6 +21,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from diptych.engine import loader
+from diptych.engine.config import RopeScaling
+from diptych.engine.gguf_weights import QUANTIZED_KERNEL_TYPES
+from diptych.engine.linear import Linear
+from diptych.engine.loader import ModelLoadError, ModelSource, iter_weights, load_model_config, resolve_model
+from diptych.engine.messages import SamplingParams
 from tests.factories import make_engine, prefill_logits
 from tests.hf_reference import load_hf_causal_lm
 

@@ -8,10 +8,10 @@ from collections.abc import AsyncGenerator
 from typing import cast
 
 import pytest
+
 from diptych.cluster.local_backend import LocalEngineBackend
 from diptych.engine.messages import GenerateRequest, SamplingParams, TokenDelta
 from diptych.router.backend import BackendRejectedError
-
 from tests.factories import make_engine, make_prompts
 
 

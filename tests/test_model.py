@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from diptych.engine.kv_cache import kv_block_bytes
 from diptych.engine.messages import SamplingParams
-
 from tests.factories import hf_greedy, make_engine, make_prompts, prefill_logits
 from tests.hf_reference import load_hf_causal_lm
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+
 from diptych.engine.messages import SamplingParams
 from diptych.engine.sampler import (
     SamplingBatch,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from diptych.engine.loader import embedded_model_path
 from diptych.engine.messages import SamplingParams
 from diptych.engine.tokenizer import load_tokenizer
-
 from tests.factories import make_engine
 from tests.hf_reference import load_hf_causal_lm
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import jinja2
 import numpy as np
 import pytest
-from diptych.engine.detokenizer import IncrementalDetokenizer
-from diptych.engine.loader import ModelLoadError, resolve_model
-from diptych.engine.tokenizer import Tokenizer, load_tokenizer
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from diptych.engine.detokenizer import IncrementalDetokenizer
+from diptych.engine.loader import ModelLoadError, resolve_model
+from diptych.engine.tokenizer import Tokenizer, load_tokenizer
 
 STRINGS = [
     "Hello, world!",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import IntFlag
 
 import torch
+
 from diptych.engine.kv_transfer.base import Handle, KVChannel, TransferError
 
 HEADER_WORDS = 1024  # 8 KiB of int64

@@ -9,6 +9,8 @@ import time
 from datetime import timedelta
 
 import torch
+from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore, Work
+
 from diptych.engine.kv_transfer.base import (
     SENDER_RANK,
     ChannelClosed,
@@ -17,7 +19,6 @@ from diptych.engine.kv_transfer.base import (
     KVChannel,
     register_transport,
 )
-from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore, Work
 
 # A wait without a deadline (the idle wait for the next step header) must never expire; deadlines of the
 # waits that have one are enforced per wait.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diptych.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 
+from diptych.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 from tests.kernels.helpers import Target
 
 pytestmark = pytest.mark.usefixtures("poison_empty")

@@ -7,13 +7,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from diptych.kernels.decode_attention import (
     DecodeTileConfig,
     decode_attention_native,
     decode_attention_reference,
     decode_attention_triton,
 )
-
 from tests.kernels.helpers import Target, make_paged_kv, naive_attention
 
 # The module, not the function `kernels` re-exports under the same name.

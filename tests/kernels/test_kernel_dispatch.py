@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+
 from diptych.kernels import ops
 from diptych.kernels.dispatch import use_triton
 

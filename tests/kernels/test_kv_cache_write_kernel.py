@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from diptych.kernels.kv_cache_write import store_kv_cache_reference, store_kv_cache_triton
 
+from diptych.kernels.kv_cache_write import store_kv_cache_reference, store_kv_cache_triton
 from tests.kernels.helpers import Target
 
 

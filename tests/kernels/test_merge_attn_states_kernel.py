@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from diptych.kernels.decode_attention import decode_attention_reference, decode_attention_triton
 from diptych.kernels.merge_attn_states import merge_attn_states_reference, merge_attn_states_triton
-
 from tests.kernels.helpers import Target, make_paged_kv, naive_attention, paged_from_dense
 
 pytestmark = pytest.mark.usefixtures("poison_empty")

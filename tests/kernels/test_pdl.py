@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from diptych.engine.rope import cos_sin_cache
 from diptych.kernels import ops
 from diptych.kernels.dispatch import PDL_MAX_ROWS, use_pdl
-
 from tests.kernels.helpers import Target, make_paged_kv
 
 needs_hopper = pytest.mark.skipif(

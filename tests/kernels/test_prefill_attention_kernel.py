@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 import torch
+
 from diptych.kernels.prefill_attention import (
     TileConfig,
     prefill_attention_reference,
     prefill_attention_triton,
 )
-
 from tests.kernels.helpers import PagedKV, Target, make_paged_kv, naive_attention, paged_from_dense
 
 pytestmark = pytest.mark.usefixtures("poison_empty")

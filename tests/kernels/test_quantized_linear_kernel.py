@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diptych.engine.gguf_weights import QUANTIZED_KERNEL_TYPES, split_blocks
-from diptych.kernels.quantized_linear import QuantizedWeight, quantized_linear, quantized_linear_reference
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
+
+from diptych.engine.gguf_weights import QUANTIZED_KERNEL_TYPES, split_blocks
+from diptych.kernels.quantized_linear import QuantizedWeight, quantized_linear, quantized_linear_reference
 
 # The module, not the function `kernels` re-exports under the same name.
 quantized_linear_module = importlib.import_module("diptych.kernels.quantized_linear")

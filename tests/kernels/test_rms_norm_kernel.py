@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
 from diptych.kernels.rms_norm import (
     fused_add_rms_norm_reference,
     fused_add_rms_norm_triton,
     rms_norm_reference,
     rms_norm_triton,
 )
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
 from tests.kernels.helpers import Target
 
 pytestmark = pytest.mark.usefixtures("poison_empty")

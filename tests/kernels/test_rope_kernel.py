@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diptych.kernels.rope import apply_rope_reference, apply_rope_triton
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from diptych.kernels.rope import apply_rope_reference, apply_rope_triton
 from tests.kernels.helpers import Target
 
 MAX_POSITIONS = 512

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from diptych.kernels.kv_cache_write import store_kv_cache_reference
 from diptych.kernels.rope import apply_rope_reference
 from diptych.kernels.rope_store_kv import rope_and_store_kv_triton
-
 from tests.kernels.helpers import Target
 from tests.kernels.test_rope_kernel import MAX_POSITIONS, cos_sin_cache, hf_rotary
 

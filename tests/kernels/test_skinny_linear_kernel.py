@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from diptych.kernels.skinny_linear import (
     SkinnyConfig,
     default_skinny_config,
@@ -12,7 +13,6 @@ from diptych.kernels.skinny_linear import (
     skinny_linear_triton,
     use_skinny,
 )
-
 from tests.kernels.helpers import Target
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
