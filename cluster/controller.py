@@ -172,6 +172,7 @@ class Controller:
             if worker_id in pool.actors and worker_id not in pool.dead:
                 log.error("worker %s is dead: no new requests go to it", worker_id)
                 pool.dead.add(worker_id)
+        self.loads.pop(worker_id, None)  # its last report would stay in /metrics and the routing forever
         for pair in [p for p in self._channels if worker_id in p]:
             del self._channels[pair]
 
@@ -213,7 +214,9 @@ class Controller:
         for pool in self.pools.values():
             for wid, handle in pool.live().items():
                 try:
-                    self.loads[wid] = await asyncio.wait_for(handle.load.remote(), timeout_s)
+                    report = await asyncio.wait_for(handle.load.remote(), timeout_s)
+                    if wid not in pool.dead:  # marked dead by a request while the report was on its way
+                        self.loads[wid] = report
                     if not await asyncio.wait_for(handle.healthy.remote(), timeout_s):
                         self.mark_dead(wid)
                 except (ray.exceptions.RayActorError, asyncio.TimeoutError):

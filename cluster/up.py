@@ -16,6 +16,7 @@ from diptych.engine.loader import load_model_config, resolve_model
 from diptych.engine.tokenizer import load_tokenizer
 from diptych.router.app import build_app
 from diptych.router.policy import make_policy
+from diptych.router.server import GatewayServer
 from diptych.router.settings import GatewaySettings
 
 log = logging.getLogger("diptych")
@@ -71,22 +72,14 @@ async def serve(
             controller, make_policy(config.routing.policy), config.model.served_name, max_len
         )
         app = build_app(backend, tokenizer, gateway_settings(config))
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=config.gateway.host,
-                port=config.gateway.port,
-                log_level="info",
-                timeout_graceful_shutdown=int(config.ray.shutdown_grace_s),
-            )
-        )
+        g = config.gateway
+        server = GatewayServer(app, g.host, g.port, config.ray.shutdown_grace_s)
         controller.start_watching()
         task = asyncio.ensure_future(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         if server.started and on_ready is not None:
-            host, port = server.servers[0].sockets[0].getsockname()[:2]
-            on_ready(f"http://{host}:{port}", server)
+            on_ready(server.url, server)
         await task
     finally:
         await asyncio.to_thread(controller.stop)

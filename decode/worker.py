@@ -41,7 +41,11 @@ class _Reservation:
     request: GenerateRequest
     prefill_id: str
     seed: int
+    # Monotonic seconds. The lease runs to the request's own deadline until its KV starts to land, then
+    # to the last landing + the transfer timeout (never past the deadline): a reservation expires when
+    # its transfer stalls, not while its prompt waits for or runs through prefill.
     deadline: float
+    lease: float
     reserved_at: float
     landed: int = 0  # prompt tokens whose KV has arrived for every layer
     landed_at: float | None = None  # epoch seconds when the whole prompt had landed
@@ -196,13 +200,11 @@ class DecodeWorker:
             ):
                 return False
             now = time.monotonic()
-            self._reserved[rid] = _Reservation(
-                request,
-                prefill_id,
-                self.engine.request_seed(request),
-                now + self.spec.transfer.timeout_s,
-                now,
-            )
+            left = request.seconds_left(time.time())
+            # Without a deadline of its own (a direct caller, not the gateway) the transfer timeout bounds it.
+            deadline = now + (self.spec.transfer.timeout_s if left is None else left)
+            seed = self.engine.request_seed(request)
+            self._reserved[rid] = _Reservation(request, prefill_id, seed, deadline, deadline, now)
             self._by_tag[request_tag(rid)] = rid
         return True
 
@@ -244,8 +246,13 @@ class DecodeWorker:
 
     def _expire_reservations(self) -> None:
         now = time.monotonic()
-        for rid in [rid for rid, r in self._reserved.items() if r.deadline < now]:
-            self._finish(rid, FinishReason.ERROR, "KV transfer timed out")
+        for rid in [rid for rid, r in self._reserved.items() if r.lease < now]:
+            r = self._reserved[rid]
+            if r.lease < r.deadline:
+                why = f"KV transfer stalled: nothing arrived for {self.spec.transfer.timeout_s:g} s"
+            else:
+                why = f"the request's deadline passed with the KV of {r.landed} of {r.prompt_len} tokens in"
+            self._finish(rid, FinishReason.ERROR, why)
 
     def _step(self) -> bool:
         self._expire_reservations()
@@ -299,11 +306,13 @@ class DecodeWorker:
         if self.engine.device.type == "cuda":
             torch.cuda.current_stream(self.engine.device).synchronize()  # the KV writes are done
         landed = []
+        renewed = time.monotonic() + self.spec.transfer.timeout_s
         with self._lock:
             for seg in header.segments:
                 rid = self._by_tag.get(seg.request_tag)
                 if rid is not None:
                     r = self._reserved[rid]
+                    r.lease = min(r.deadline, renewed)
                     r.landed = max(r.landed, seg.start_position + seg.num_tokens)
                     if r.landed >= r.prompt_len and r.landed_at is None:
                         r.landed_at = time.time()

@@ -81,6 +81,11 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     arrival_time: float = 0.0
+    deadline_time: float | None = None  # epoch seconds the client stops waiting (the gateway's timeout)
+
+    def seconds_left(self, now: float) -> float | None:
+        """Until deadline_time from `now` (epoch seconds); None when the request has no deadline."""
+        return None if self.deadline_time is None else self.deadline_time - now
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,10 @@ class PrefillWorker:
         if p.decode_id not in self.senders:
             self._resolve(p, _error(rid, f"no KV channel from {self.spec.worker_id} to {p.decode_id}"))
             return
+        left = p.request.seconds_left(time.time())
+        if left is not None and left <= 0:  # its client has stopped waiting: spend no prefill on it
+            self._resolve(p, _error(rid, "the request's deadline passed before its prefill began"))
+            return
         try:
             self.engine.add_request(p.request)
         except RequestError as e:

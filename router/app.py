@@ -20,6 +20,7 @@ from diptych.router.errors import APIError, install_error_handlers
 from diptych.router.guard import guarded
 from diptych.router.lifecycle import generate_text
 from diptych.router.metrics import GatewayMetrics
+from diptych.router.openapi import install_openapi
 from diptych.router.preprocess import build_request, chat_prompt, completion_prompt
 from diptych.router.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from diptych.router.render import ChatRenderer, CompletionRenderer, Renderer
@@ -36,7 +37,9 @@ def build_app(backend: GenerationBackend, tokenizer: Tokenizer, settings: Gatewa
     backend.add_timing_listener(metrics.observe_phase)
     gw = Gateway(backend, tokenizer, settings, metrics, Admission(settings.max_pending))
     app = FastAPI(title="diptych", summary="OpenAI-compatible gateway")
+    app.state.gateway = gw  # the server's shutdown sets gw.closing
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(_open_routes(gw))
     app.include_router(_api_routes(gw), dependencies=[Depends(_api_key_check(settings.api_keys))])
     app.add_middleware(_CountRequests, counter=metrics.requests)
@@ -91,9 +94,8 @@ def _api_routes(gw: Gateway) -> APIRouter:
         arrived = time.monotonic()
         body = ChatCompletionRequest.model_validate(await read_json_object(request, limit))
         renderer = _renderer(ChatRenderer, "chatcmpl", gw, body.model, body.logprobs)
-        job = build_request(
-            renderer.request_id, chat_prompt(gw.tokenizer, body), body, gw.backend.max_model_len
-        )
+        prompt = chat_prompt(gw.tokenizer, body)
+        job = build_request(renderer.request_id, prompt, body, gw.backend.max_model_len, gw.timeout_s)
         return await _respond(gw, request, job, arrived, renderer, body.stream, body.include_usage)
 
     @routes.post("/completions")
@@ -102,7 +104,7 @@ def _api_routes(gw: Gateway) -> APIRouter:
         body = CompletionRequest.model_validate(await read_json_object(request, limit))
         renderer = _renderer(CompletionRenderer, "cmpl", gw, body.model, body.logprobs is not None)
         prompt = completion_prompt(gw.tokenizer, body)
-        job = build_request(renderer.request_id, prompt, body, gw.backend.max_model_len)
+        job = build_request(renderer.request_id, prompt, body, gw.backend.max_model_len, gw.timeout_s)
         return await _respond(gw, request, job, arrived, renderer, body.stream, body.include_usage)
 
     return routes
@@ -126,7 +128,8 @@ async def _respond(
     if not await gw.backend.check_health():
         raise gw.retry_later(503, "the backend is not healthy")
     deadline = arrived + gw.settings.request_timeout_s
-    events = guarded(request, generate_text(gw, job, arrived), deadline, gw.settings.disconnect_poll_s)
+    source = generate_text(gw, job, arrived)
+    events = guarded(request, source, deadline, gw.settings.disconnect_poll_s, gw.closing)
     first = await anext(events, None)
     if first is None:
         return Response(status_code=CLIENT_CLOSED)

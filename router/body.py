@@ -27,6 +27,16 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"malformed JSON body: {e}") from e
+    except RecursionError:
+        raise bad_request("malformed JSON body: nested too deeply") from None
     if not isinstance(value, dict):
         raise bad_request("the request body must be a JSON object")
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can encode
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise bad_request(
+            f"the body holds an unpaired UTF-16 surrogate ({e.object[e.start : e.end]!a})"
+        ) from None
+    except RecursionError:
+        raise bad_request("malformed JSON body: nested too deeply") from None
     return value

@@ -17,23 +17,30 @@ from starlette.requests import Request
 from diptych.router.errors import APIError
 
 T = TypeVar("T")
+SHUTDOWN_MESSAGE = "the server is shutting down and this request did not finish within its grace period"
 
 
 async def guarded(
-    request: Request, source: AsyncGenerator[T, None], deadline: float, poll_s: float
+    request: Request, source: AsyncGenerator[T, None], deadline: float, poll_s: float, closing: asyncio.Event
 ) -> AsyncIterator[T]:
-    """Yield from `source` until it ends; end early if the client leaves; 504 past `deadline` (monotonic)."""
+    """Yield from `source` until it ends; end early if the client leaves; 504 past `deadline` (monotonic);
+    503 once `closing` is set (the server's shutdown grace period ran out)."""
     watcher = asyncio.ensure_future(_wait_for_disconnect(request, poll_s))
+    closed = asyncio.ensure_future(closing.wait())
     step: asyncio.Future[T] | None = None
     try:
         while True:
             step = asyncio.ensure_future(anext(source))
             done, _ = await asyncio.wait(
-                {step, watcher}, timeout=deadline - time.monotonic(), return_when=asyncio.FIRST_COMPLETED
+                {step, watcher, closed},
+                timeout=deadline - time.monotonic(),
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if step not in done:
                 if watcher in done:
                     return
+                if closed in done:
+                    raise APIError(503, SHUTDOWN_MESSAGE, code="shutdown")
                 raise APIError(504, "the request timed out", code="timeout")
             try:
                 item = step.result()
@@ -43,6 +50,7 @@ async def guarded(
             yield item
     finally:
         watcher.cancel()
+        closed.cancel()
         if step is not None and not step.done():
             step.cancel()  # runs the source's cleanup in the step's task, which survives our cancellation
         else:

@@ -37,7 +37,11 @@ def completion_prompt(tokenizer: Tokenizer, body: CompletionRequest) -> list[int
 
 
 def build_request(
-    request_id: str, prompt: list[int], body: ChatCompletionRequest | CompletionRequest, max_model_len: int
+    request_id: str,
+    prompt: list[int],
+    body: ChatCompletionRequest | CompletionRequest,
+    max_model_len: int,
+    timeout_s: float | None = None,
 ) -> GenerateRequest:
     if not prompt:
         raise bad_request("the prompt is empty", param="prompt")
@@ -56,7 +60,9 @@ def build_request(
             param="max_tokens",
         )
     sampling = _sampling(body, room if max_tokens is None else max_tokens)
-    return GenerateRequest(request_id, tuple(prompt), sampling, arrival_time=time.time())
+    now = time.time()
+    deadline = None if timeout_s is None else now + timeout_s
+    return GenerateRequest(request_id, tuple(prompt), sampling, arrival_time=now, deadline_time=deadline)
 
 
 def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingParams:

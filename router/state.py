@@ -39,6 +39,8 @@ class Gateway:
     settings: GatewaySettings
     metrics: GatewayMetrics
     admission: Admission
+    # Set when the server's shutdown grace period runs out: what is still running ends with a 503.
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
     # Cleanups run as their own tasks so that a cancelled request still aborts its backend work;
     # asyncio keeps only weak references to tasks, hence this set.
     _background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -46,6 +48,10 @@ class Gateway:
     @property
     def model_names(self) -> tuple[str, ...]:
         return self.settings.model_names(self.backend.model_name)
+
+    @property
+    def timeout_s(self) -> float:
+        return self.settings.request_timeout_s
 
     def resolve_model(self, requested: str | None) -> str:
         if requested is None:

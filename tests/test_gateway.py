@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,6 +30,7 @@ from diptych.engine.tokenizer import Tokenizer, load_tokenizer
 from diptych.router.app import build_app
 from diptych.router.backend import BackendUnavailableError, GenerationBackend, Phase
 from diptych.router.policy import LeastLoaded, NoWorkerError, make_policy
+from diptych.router.server import GatewayServer
 from diptych.router.settings import GatewaySettings
 
 TEXT = "The capital of France is Paris. It is known for the Eiffel Tower, museums and good food."
@@ -115,21 +115,27 @@ def script(tokenizer: Tokenizer) -> list[int]:
 
 
 @contextlib.contextmanager
-def serve(backend: GenerationBackend, tokenizer: Tokenizer, **settings: object) -> Iterator[str]:
-    """A real uvicorn server on a free port of 127.0.0.1, in a thread; yields its base URL."""
+def serve_server(
+    backend: GenerationBackend, tokenizer: Tokenizer, grace_s: float = 1.0, **settings: object
+) -> Iterator[GatewayServer]:
+    """The gateway's own server on a free port of 127.0.0.1, in a thread, as `diptych up` runs it."""
     app = build_app(backend, tokenizer, GatewaySettings(**settings))  # type: ignore[arg-type]
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    server = GatewayServer(app, "127.0.0.1", 0, grace_s, log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, timeout_s=10)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield server
     finally:
         server.should_exit = True
-        thread.join(10)
-        sock.close()
+        thread.join(grace_s + 10)
+
+
+@contextlib.contextmanager
+def serve(backend: GenerationBackend, tokenizer: Tokenizer, **settings: object) -> Iterator[str]:
+    """serve_server's base URL."""
+    with serve_server(backend, tokenizer, **settings) as server:
+        yield server.url
 
 
 def aborted_last(backend: ScriptedBackend) -> Callable[[], bool]:
@@ -403,6 +409,30 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client: htt
     assert client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2}).status_code == 200
 
 
+def test_hostile_bodies_get_400_in_the_openai_shape_without_a_traceback(
+    url: str, client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    nested = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # ~10 KB, deeper than Python's recursion
+    error = assert_openai_error(client.post("/v1/completions", content=nested), 400)
+    assert "nested too deeply" in error["message"]
+    lone_surrogate = b'{"prompt": "ab\\ud800cd", "max_tokens": 2}'
+    error = assert_openai_error(client.post("/v1/completions", content=lone_surrogate), 400)
+    assert "surrogate" in error["message"] and "\\ud800" in error["message"]
+    chat = {"messages": [{"role": "user", "content": "\ud800"}]}
+    assert_openai_error(client.post("/v1/chat/completions", content=json.dumps(chat)), 400)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:  # httpx will not send this
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}")
+        reply = b""
+        while chunk := raw.recv(4096):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert not [r for r in caplog.records if r.exc_info], "a bad body must not log a traceback"
+    assert client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2}).status_code == 200
+
+
 def test_oversize_body_is_413_by_header_and_while_reading(tokenizer: Tokenizer, script: list[int]) -> None:
     backend = ScriptedBackend(script)
     with serve(backend, tokenizer, max_body_bytes=2000) as base, httpx.Client(base_url=base) as client:
@@ -503,6 +533,39 @@ def test_backend_failure_mid_request(tokenizer: Tokenizer, script: list[int]) ->
         assert texts == expected_text(tokenizer, script[:3])
         backend.fail_after = None
         assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_shutdown_past_its_grace_ends_each_request_with_an_error(
+    tokenizer: Tokenizer, script: list[int]
+) -> None:
+    backend = ScriptedBackend(script * 20, delay_s=0.2)  # far longer than the grace period
+    body = {"prompt": "x", "max_tokens": 200}
+    with serve_server(backend, tokenizer, grace_s=0.5) as server, ThreadPoolExecutor(4) as pool:
+
+        def stream() -> list[str]:
+            with (
+                httpx.Client(base_url=server.url, timeout=30) as c,
+                c.stream("POST", "/v1/completions", json={**body, "stream": True}) as response,
+            ):
+                return sse_payloads(response.iter_lines())
+
+        def whole() -> httpx.Response:
+            with httpx.Client(base_url=server.url, timeout=30) as c:
+                return c.post("/v1/completions", json=body)
+
+        streams = [pool.submit(stream) for _ in range(3)]
+        plain = pool.submit(whole)
+        wait_until(lambda: len(backend.requests) == 4)
+        time.sleep(0.5)  # every stream is under way
+        server.should_exit = True  # what SIGTERM does
+        for future in streams:
+            payloads = future.result(timeout=10)
+            assert payloads[-1] == "[DONE]"
+            error = json.loads(payloads[-2])["error"]
+            assert error["code"] == "shutdown" and "grace period" in error["message"]
+            assert len(payloads) > 3  # it streamed before it was ended
+        assert assert_openai_error(plain.result(timeout=10), 503)["code"] == "shutdown"
+    wait_until(lambda: len(backend.aborted) == 4)  # and the backend was told to stop each one
 
 
 def test_request_timeout_is_504_and_aborts(tokenizer: Tokenizer, script: list[int]) -> None:
@@ -625,3 +688,26 @@ def test_least_loaded_policy() -> None:
         policy.choose(prefill, [], request)
     with pytest.raises(ValueError, match="least_loaded"):
         make_policy("random")
+
+
+def test_openapi_describes_what_the_post_endpoints_take_and_return(client: httpx.Client) -> None:
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+
+    def resolve(schema: dict[str, Any]) -> dict[str, Any]:
+        return schemas[schema["$ref"].rsplit("/", 1)[1]]
+
+    expected = {
+        "/v1/chat/completions": ("messages", "chat.completion", "chat.completion.chunk"),
+        "/v1/completions": ("prompt", "text_completion", "text_completion"),
+    }
+    for path, (field, kind, chunk_kind) in expected.items():
+        post = doc["paths"][path]["post"]
+        body = resolve(post["requestBody"]["content"]["application/json"]["schema"])
+        assert field in body["required"] and "max_tokens" in body["properties"]
+        ok = post["responses"]["200"]["content"]
+        assert resolve(ok["application/json"]["schema"])["properties"]["object"]["const"] == kind
+        assert resolve(ok["text/event-stream"]["schema"])["properties"]["object"]["const"] == chunk_kind
+        for status in ("400", "401", "404", "413", "429", "503", "504"):
+            error = resolve(post["responses"][status]["content"]["application/json"]["schema"])
+            assert error["required"] == ["error"], status
