@@ -701,10 +701,10 @@ def test_openapi_describes_what_the_post_endpoints_take_and_return(client: httpx
         "/v1/chat/completions": ("messages", "chat.completion", "chat.completion.chunk"),
         "/v1/completions": ("prompt", "text_completion", "text_completion"),
     }
-    for path, (field, kind, chunk_kind) in expected.items():
+    for path, (required, kind, chunk_kind) in expected.items():
         post = doc["paths"][path]["post"]
         body = resolve(post["requestBody"]["content"]["application/json"]["schema"])
-        assert field in body["required"] and "max_tokens" in body["properties"]
+        assert required in body["required"] and "max_tokens" in body["properties"]
         ok = post["responses"]["200"]["content"]
         assert resolve(ok["application/json"]["schema"])["properties"]["object"]["const"] == kind
         assert resolve(ok["text/event-stream"]["schema"])["properties"]["object"]["const"] == chunk_kind
