@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> t
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    where = {"pretrained_model_name_or_path": path}
+    where: dict[str, Any] = {"pretrained_model_name_or_path": path}
     if path.is_file():
         where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(

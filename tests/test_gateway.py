@@ -132,7 +132,7 @@ def serve_server(
 
 
 @contextlib.contextmanager
-def serve(backend: GenerationBackend, tokenizer: Tokenizer, **settings: object) -> Iterator[str]:
+def serve(backend: GenerationBackend, tokenizer: Tokenizer, **settings: Any) -> Iterator[str]:
     """serve_server's base URL."""
     with serve_server(backend, tokenizer, **settings) as server:
         yield server.url
