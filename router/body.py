@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.requests import Request
 
 from diptych.router.errors import APIError, bad_request
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _too_large(limit: int) -> APIError:
@@ -31,12 +34,12 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
         raise bad_request("malformed JSON body: nested too deeply") from None
     if not isinstance(value, dict):
         raise bad_request("the request body must be a JSON object")
-    try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can encode
+    if _SURROGATE_ESCAPE.search(body) is None:  # raw UTF-8 cannot hold surrogates; only escapes can
+        return value
+    try:  # a lone one (a \ud800 escape without its pair) is no character: no tokenizer can encode it
         json.dumps(value, ensure_ascii=False).encode()
     except UnicodeEncodeError as e:
         raise bad_request(
             f"the body holds an unpaired UTF-16 surrogate ({e.object[e.start : e.end]!a})"
         ) from None
-    except RecursionError:
-        raise bad_request("malformed JSON body: nested too deeply") from None
     return value
