@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from bench.ceilings import copy_bandwidth, matmul_rate
 from bench.results import Row, write_result
 from diptych.cluster.config import parse_config
-from diptych.cluster.controller import Controller
+from diptych.cluster.clients import ControllerClient
+from diptych.cluster.controller import Deployment
+from diptych.cluster.config import DeploymentConfig
 from diptych.cluster.disagg_backend import DisaggregatedBackend
 from diptych.engine.config import preset
 from diptych.engine.messages import GenerateRequest, SamplingParams
@@ -69,7 +71,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def bench(args: argparse.Namespace, controller: Controller) -> list[Row]:
+async def deployed(args: argparse.Namespace, config: DeploymentConfig) -> list[Row]:
+    deployment = Deployment(config)
+    try:
+        return await bench(args, await deployment.start())
+    finally:
+        await deployment.stop()
+
+
+async def bench(args: argparse.Namespace, controller: ControllerClient) -> list[Row]:
     backend = DisaggregatedBackend(controller, make_policy("least_loaded"), args.model, 8192)
     vocab = preset(args.model.split(":", 1)[1]).vocab_size
     rng = random.Random(0)
@@ -77,7 +87,7 @@ async def bench(args: argparse.Namespace, controller: Controller) -> list[Row]:
     rows: list[Row] = []
     long_prompt = [rng.randrange(vocab) for _ in range(args.long_prompt)]
     for stream in (True, False):
-        await prefill.set_stream_layers.remote(stream)
+        await prefill.set_stream_layers(stream)
         await run_one(backend, long_prompt, 2)  # warm-up (Triton compiles, NCCL connects)
         traces = [await run_one(backend, long_prompt, 2) for _ in range(args.long_reps)]
         exposed = statistics.median(t.exposed_s or 0.0 for t in traces)
@@ -92,7 +102,7 @@ async def bench(args: argparse.Namespace, controller: Controller) -> list[Row]:
             )
         )
         rows.append(Row(f"kv_exposed_fraction_of_ttft_{mode}", exposed / ttft, "ratio", ceiling=0.05))
-    await prefill.set_stream_layers.remote(True)
+    await prefill.set_stream_layers(True)
 
     async def poisson() -> list[Trace]:
         tasks = []
@@ -159,12 +169,7 @@ def main() -> None:
             },
         }
     )
-    controller = Controller(config)
-    controller.start()
-    try:
-        rows = asyncio.run(bench(args, controller))
-    finally:
-        controller.stop()
+    rows = asyncio.run(deployed(args, config))
     weight_bytes = shape.num_params * 2
     mean_prompt = sum(args.prompt) / 2
     tpot_roofline = (weight_bytes + shape.kv_bytes_per_token(2) * (mean_prompt + args.output / 2)) / bandwidth

@@ -1,4 +1,4 @@
-"""The `diptych` command line: generate, chat, up."""
+"""The `diptych` command line: generate, chat, up, gateway."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 
 from diptych.cluster.config import ConfigError
-from diptych.cluster.up import add_up_parser, cmd_up
+from diptych.cluster.up import add_up_parser, cmd_gateway, cmd_up
 from diptych.engine.config import ModelConfigError
 from diptych.engine.detokenizer import IncrementalDetokenizer
 from diptych.engine.llm_engine import EngineConfig, LLMEngine, RequestError
@@ -124,7 +124,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "up": cmd_up}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "up": cmd_up, "gateway": cmd_gateway}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as e:

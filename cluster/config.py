@@ -1,28 +1,29 @@
-"""The deployment config: one YAML file, checked by pydantic on load, frozen dataclasses inside.
+"""The deployment config: one YAML file, frozen dataclasses inside, checked by pydantic on load.
 
-The dataclasses are the only thing the rest of diptych sees, and they hold the defaults; the pydantic
-specs below them exist only to validate a file and to word its errors. Environment variables are not
-read here. examples/cpu.yaml documents every key.
+The dataclasses are the only thing the rest of diptych sees. They hold the defaults, and their field
+types hold the rules a value must pass: pydantic validates a file straight into them, strictly (YAML's
+"2", true and 2.0 are not integers; unknown keys are errors), and the end of this module words its
+errors. Environment variables are not read here. examples/cpu.yaml documents every key.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, TypeVar, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
-from diptych.engine.config import PRESETS
+from diptych.engine.config import PRESETS, RANDOM_PREFIX
+from diptych.router.policy import DEFAULT_POLICY, POLICIES
+from diptych.router.settings import GatewaySettings
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 TransportBackend = Literal["auto", "nccl", "gloo"]
-ROUTING_POLICIES = ("least_loaded",)
-RANDOM_PREFIX = "random:"  # "random:<preset>": random weights of a named shape (engine.config.PRESETS)
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_GPUS_PER_WORKER = 1  # more arrive with pipeline parallel prefill and context parallel decode
 
@@ -38,14 +39,68 @@ class ConfigError(ValueError):
         )
 
 
+# ---- the rules a value must pass, as the field types of the dataclasses below ----
+
+
+def _model_path(value: str) -> str:
+    if value.startswith(RANDOM_PREFIX) and value[len(RANDOM_PREFIX) :] not in PRESETS:
+        shape = value[len(RANDOM_PREFIX) :]
+        raise ValueError(
+            f"unknown model shape {shape!r} after {RANDOM_PREFIX!r}; known: {', '.join(sorted(PRESETS))}"
+        )
+    return value
+
+
+def _routing_policy(value: str) -> str:
+    if value not in POLICIES:
+        raise ValueError(f"must be one of {', '.join(map(repr, sorted(POLICIES)))}, got {value!r}")
+    return value
+
+
+def _api_key(value: str) -> str:
+    # The key travels as "Authorization: Bearer <key>", where whitespace cannot survive.
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("must be a non-empty string without whitespace")
+    return value
+
+
+def _power_of_two(value: int) -> int:
+    if value < 1 or value & (value - 1):
+        raise ValueError(
+            f"must be a power of two (the GPU attention kernels address pages by shifts), got {value}"
+        )
+    return value
+
+
+def _absolute_path(value: str) -> str:
+    if not Path(value).is_absolute():
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    return value
+
+
+# Every type is strict (Literal and StrictBool are by nature); the test of wrong types covers each key.
+_NonEmpty = Annotated[str, Field(strict=True, min_length=1)]
+_PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+_PositiveFloat = Annotated[float, Field(strict=True, gt=0)]
+_Fraction = Annotated[float, Field(strict=True, gt=0, le=1)]
+_GpuCount = Annotated[int, Field(strict=True, ge=0, le=MAX_GPUS_PER_WORKER)]
+_Port = Annotated[int, Field(strict=True, ge=0, le=65535)]
+_Grace = Annotated[float, Field(strict=True, ge=0)]
+_ModelPath = Annotated[_NonEmpty, AfterValidator(_model_path)]
+_BlockSize = Annotated[int, Field(strict=True), AfterValidator(_power_of_two)]
+_ApiKey = Annotated[str, Field(strict=True), AfterValidator(_api_key)]
+_Policy = Annotated[str, Field(strict=True), AfterValidator(_routing_policy)]
+_AbsolutePath = Annotated[_NonEmpty, AfterValidator(_absolute_path)]
+
+
 @dataclass(frozen=True)
 class ModelSection:
-    path: str | None = None  # a HF dir, a .gguf file, "random:<preset>", or None for the embedded model
-    name: str | None = None  # served model name; default: served_name derives it from the path
+    path: _ModelPath | None = None  # a HF dir, a .gguf file, "random:<preset>"; None: the embedded model
+    name: _NonEmpty | None = None  # served model name; default: served_name derives it from the path
     dtype: Dtype = "auto"
-    max_model_len: int | None = None  # default: the model's own
+    max_model_len: _PositiveInt | None = None  # default: the model's own
     # CPU fp32 workers: GGUF Q4_0/Q4_1/Q8_0 projections also keep their blocks for decode-sized products
-    cpu_quantized_weights: bool = True
+    cpu_quantized_weights: StrictBool = True
 
     @property
     def served_name(self) -> str:
@@ -62,13 +117,13 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class PrefillSection:
-    workers: int = 1
-    gpus_per_worker: int = 0  # 0: the workers run on the CPU
-    chunk_size: int = 512  # tokens of one sequence per prefill chunk
-    token_budget: int = 2048  # tokens per prefill step across sequences
-    max_num_seqs: int = 16
-    kv_cache_gib: float = 0.5  # on the CPU; on a GPU gpu_memory_fraction applies
-    gpu_memory_fraction: float = 0.5
+    workers: _PositiveInt = 1
+    gpus_per_worker: _GpuCount = 0  # 0: the workers run on the CPU
+    chunk_size: _PositiveInt = 512  # tokens of one sequence per prefill chunk
+    token_budget: _PositiveInt = 2048  # tokens per prefill step across sequences
+    max_num_seqs: _PositiveInt = 16
+    kv_cache_gib: _PositiveFloat = 0.5  # on the CPU; on a GPU gpu_memory_fraction applies
+    gpu_memory_fraction: _Fraction = 0.5
 
     @property
     def on_gpu(self) -> bool:
@@ -77,13 +132,13 @@ class PrefillSection:
 
 @dataclass(frozen=True)
 class DecodeSection:
-    workers: int = 1
-    gpus_per_worker: int = 0
-    max_batch: int = 64  # running sequences per decode worker
-    kv_cache_gib: float = 1.0
-    gpu_memory_fraction: float = 0.85
-    block_size: int = 16  # KV block size of both pools: a handoff lands block for block
-    async_scheduling: bool = True  # GPU workers launch a decode step before the last one's tokens land
+    workers: _PositiveInt = 1
+    gpus_per_worker: _GpuCount = 0
+    max_batch: _PositiveInt = 64  # running sequences per decode worker
+    kv_cache_gib: _PositiveFloat = 1.0
+    gpu_memory_fraction: _Fraction = 0.85
+    block_size: _BlockSize = 16  # KV block size of both pools: a handoff lands block for block
+    async_scheduling: StrictBool = True  # GPU workers launch a decode step before the last one's tokens land
 
     @property
     def on_gpu(self) -> bool:
@@ -93,37 +148,41 @@ class DecodeSection:
 @dataclass(frozen=True)
 class TransportSection:
     backend: TransportBackend = "auto"  # DeploymentConfig.resolved_transport decides auto
-    layers_per_message: int = 4
-    timeout_s: float = 30.0
-    stream_layers: bool = True  # send each layer's KV as it is computed; false: after the whole forward
-    lanes: int = 2  # NCCL only: communicators per channel that messages alternate over
+    layers_per_message: _PositiveInt = 4
+    timeout_s: _PositiveFloat = 30.0
+    stream_layers: StrictBool = True  # send each layer's KV as it is computed; false: after the whole forward
+    lanes: _PositiveInt = 2  # NCCL only: communicators per channel that messages alternate over
 
 
 @dataclass(frozen=True)
 class GatewaySection:
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0: any free port
-    api_keys: tuple[str, ...] = ()  # empty: no authentication
-    max_body_bytes: int = 1 << 20
-    max_pending: int = 256  # requests in flight before new ones get 429
-    request_timeout_s: float = 600.0
+    host: _NonEmpty = "127.0.0.1"
+    port: _Port = 8000  # 0: any free port
+    # The gateway's own settings (router.settings.GatewaySettings): its defaults are the only ones.
+    api_keys: tuple[_ApiKey, ...] = GatewaySettings.api_keys  # empty: no authentication
+    max_body_bytes: _PositiveInt = GatewaySettings.max_body_bytes
+    max_pending: _PositiveInt = GatewaySettings.max_pending  # requests in flight before new ones get 429
+    request_timeout_s: _PositiveFloat = GatewaySettings.request_timeout_s
 
 
 @dataclass(frozen=True)
 class RoutingSection:
-    policy: str = "least_loaded"
+    policy: _Policy = DEFAULT_POLICY  # a name in router.policy.POLICIES
 
 
 @dataclass(frozen=True)
 class RaySection:
-    address: str | None = None  # join this cluster; None: start a local one
-    temp_dir: str | None = None  # None: the controller picks a diptych dir under the system temp dir
-    num_cpus: int | None = None
-    shutdown_grace_s: float = 30.0  # on SIGTERM, how long in-flight requests get to finish
+    address: _NonEmpty | None = None  # join this cluster; None: start a local one
+    temp_dir: _AbsolutePath | None = None  # None: the controller picks a dir under the system temp dir
+    num_cpus: _PositiveInt | None = None
+    shutdown_grace_s: _Grace = 30.0  # on SIGTERM, how long in-flight requests get to finish
 
 
 @dataclass(frozen=True)
 class DeploymentConfig:
+    # pydantic's settings for checking a file, which the sections inherit (a class attribute, not a field)
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     model: ModelSection = field(default_factory=ModelSection)
     prefill: PrefillSection = field(default_factory=PrefillSection)
     decode: DecodeSection = field(default_factory=DecodeSection)
@@ -144,6 +203,9 @@ class DeploymentConfig:
         if self.model.dtype == "auto":
             return "bfloat16" if self.prefill.on_gpu or self.decode.on_gpu else "float32"
         return self.model.dtype
+
+
+_CHECK = TypeAdapter(DeploymentConfig)  # validates a mapping of sections into the dataclasses
 
 
 def load_config(path: str | Path | None) -> DeploymentConfig:
@@ -170,11 +232,9 @@ def parse_config(data: Mapping[str, Any], source: str = "<dict>") -> DeploymentC
         raise ConfigError(source, [("", f"the top level must be a mapping of sections, got {_show(data)}")])
     sections = {key: {} if value is None else value for key, value in data.items()}
     try:
-        spec = _DeploymentSpec.model_validate(sections)
+        config = _CHECK.validate_python(sections)
     except ValidationError as e:
         raise ConfigError(source, _problems(e)) from None
-    hints = get_type_hints(DeploymentConfig)
-    config = DeploymentConfig(**{name: _freeze(section, hints[name]) for name, section in spec})
     problems = _cross_field_problems(config)
     if problems:
         raise ConfigError(source, problems)
@@ -187,21 +247,15 @@ def with_overrides(
     """Apply command-line flags (None: keep the file's value), checked by the same rules as the file."""
     gateway = _given(host=host, port=port)
     ray = _given(address=address)
-    _check_only("gateway", _GatewaySpec, gateway)
-    _check_only("ray", _RaySpec, ray)
+    try:
+        _CHECK.validate_python({"gateway": gateway, "ray": ray})  # the keys not given take valid defaults
+    except ValidationError as e:
+        raise ConfigError("command line", _problems(e)) from None
     return replace(cfg, gateway=replace(cfg.gateway, **gateway), ray=replace(cfg.ray, **ray))
 
 
 def _given(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
-
-
-def _check_only(section: str, spec: type[BaseModel], values: dict[str, Any]) -> None:
-    """Check a few keys of a section on their own; the other keys take defaults, which are valid."""
-    try:
-        spec.model_validate(values)
-    except ValidationError as e:
-        raise ConfigError("command line", _problems(e, (section,))) from None
 
 
 def _cross_field_problems(cfg: DeploymentConfig) -> list[tuple[str, str]]:
@@ -219,130 +273,6 @@ def _cross_field_problems(cfg: DeploymentConfig) -> list[tuple[str, str]]:
     return problems
 
 
-# ---- the pydantic specs: validation only, mirroring the dataclasses above and taking their defaults ----
-
-
-def _model_path(value: str) -> str:
-    if value.startswith(RANDOM_PREFIX) and value[len(RANDOM_PREFIX) :] not in PRESETS:
-        shape = value[len(RANDOM_PREFIX) :]
-        raise ValueError(
-            f"unknown model shape {shape!r} after {RANDOM_PREFIX!r}; known: {', '.join(sorted(PRESETS))}"
-        )
-    return value
-
-
-def _routing_policy(value: str) -> str:
-    if value not in ROUTING_POLICIES:
-        raise ValueError(f"must be one of {', '.join(map(repr, ROUTING_POLICIES))}, got {value!r}")
-    return value
-
-
-def _api_key(value: str) -> str:
-    # The key travels as "Authorization: Bearer <key>", where whitespace cannot survive.
-    if not value or any(c.isspace() for c in value):
-        raise ValueError("must be a non-empty string without whitespace")
-    return value
-
-
-def _power_of_two(value: int) -> int:
-    if value < 1 or value & (value - 1):
-        raise ValueError(
-            f"must be a power of two (the GPU attention kernels address pages by shifts), got {value}"
-        )
-    return value
-
-
-def _absolute_path(value: str) -> str:
-    if not Path(value).is_absolute():
-        raise ValueError(f"must be an absolute path, got {value!r}")
-    return value
-
-
-_NonEmpty = Annotated[str, Field(min_length=1)]
-_PositiveInt = Annotated[int, Field(ge=1)]
-_PositiveFloat = Annotated[float, Field(gt=0)]
-_Fraction = Annotated[float, Field(gt=0, le=1)]
-_GpuCount = Annotated[int, Field(ge=0, le=MAX_GPUS_PER_WORKER)]
-
-
-class _Spec(BaseModel):
-    # strict: YAML's "2", true and 2.0 are not integers; unknown keys are errors.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class _ModelSpec(_Spec):
-    path: Annotated[_NonEmpty, AfterValidator(_model_path)] | None = ModelSection.path
-    name: _NonEmpty | None = ModelSection.name
-    dtype: Dtype = ModelSection.dtype
-    max_model_len: _PositiveInt | None = ModelSection.max_model_len
-    cpu_quantized_weights: StrictBool = ModelSection.cpu_quantized_weights
-
-
-class _PrefillSpec(_Spec):
-    workers: _PositiveInt = PrefillSection.workers
-    gpus_per_worker: _GpuCount = PrefillSection.gpus_per_worker
-    chunk_size: _PositiveInt = PrefillSection.chunk_size
-    token_budget: _PositiveInt = PrefillSection.token_budget
-    max_num_seqs: _PositiveInt = PrefillSection.max_num_seqs
-    kv_cache_gib: _PositiveFloat = PrefillSection.kv_cache_gib
-    gpu_memory_fraction: _Fraction = PrefillSection.gpu_memory_fraction
-
-
-class _DecodeSpec(_Spec):
-    workers: _PositiveInt = DecodeSection.workers
-    gpus_per_worker: _GpuCount = DecodeSection.gpus_per_worker
-    max_batch: _PositiveInt = DecodeSection.max_batch
-    kv_cache_gib: _PositiveFloat = DecodeSection.kv_cache_gib
-    gpu_memory_fraction: _Fraction = DecodeSection.gpu_memory_fraction
-    block_size: Annotated[int, AfterValidator(_power_of_two)] = DecodeSection.block_size
-    async_scheduling: StrictBool = DecodeSection.async_scheduling
-
-
-class _TransportSpec(_Spec):
-    backend: TransportBackend = TransportSection.backend
-    layers_per_message: _PositiveInt = TransportSection.layers_per_message
-    timeout_s: _PositiveFloat = TransportSection.timeout_s
-    stream_layers: StrictBool = TransportSection.stream_layers
-    lanes: _PositiveInt = TransportSection.lanes
-
-
-class _GatewaySpec(_Spec):
-    host: _NonEmpty = GatewaySection.host
-    port: Annotated[int, Field(ge=0, le=65535)] = GatewaySection.port
-    api_keys: list[Annotated[str, AfterValidator(_api_key)]] = Field(default_factory=list)
-    max_body_bytes: _PositiveInt = GatewaySection.max_body_bytes
-    max_pending: _PositiveInt = GatewaySection.max_pending
-    request_timeout_s: _PositiveFloat = GatewaySection.request_timeout_s
-
-
-class _RoutingSpec(_Spec):
-    policy: Annotated[str, AfterValidator(_routing_policy)] = RoutingSection.policy
-
-
-class _RaySpec(_Spec):
-    address: _NonEmpty | None = RaySection.address
-    temp_dir: Annotated[_NonEmpty, AfterValidator(_absolute_path)] | None = RaySection.temp_dir
-    num_cpus: _PositiveInt | None = RaySection.num_cpus
-    shutdown_grace_s: Annotated[float, Field(ge=0)] = RaySection.shutdown_grace_s
-
-
-class _DeploymentSpec(_Spec):
-    model: _ModelSpec = Field(default_factory=_ModelSpec)
-    prefill: _PrefillSpec = Field(default_factory=_PrefillSpec)
-    decode: _DecodeSpec = Field(default_factory=_DecodeSpec)
-    kv_transport: _TransportSpec = Field(default_factory=_TransportSpec)
-    gateway: _GatewaySpec = Field(default_factory=_GatewaySpec)
-    routing: _RoutingSpec = Field(default_factory=_RoutingSpec)
-    ray: _RaySpec = Field(default_factory=_RaySpec)
-
-
-T = TypeVar("T")
-
-
-def _freeze(spec: BaseModel, cls: type[T]) -> T:
-    return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in spec})
-
-
 # ---- error wording: pydantic's error types to messages in the file's own terms ----
 
 _YAML_KINDS = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
@@ -350,16 +280,15 @@ _EXPECTED = {
     "int_type": "an integer",
     "float_type": "a number",
     "string_type": "a string",
-    "list_type": "a list",
-    "model_type": "a mapping of keys",
-    "dict_type": "a mapping of keys",
+    "tuple_type": "a list",  # the dataclasses hold tuples, a file writes lists
+    "dataclass_type": "a mapping of keys",
 }
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 _BOUND_KEYS = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
 
 
-def _problems(error: ValidationError, prefix: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    return [(_key_path(prefix + _owner(e)), _message(e, prefix)) for e in error.errors()]
+def _problems(error: ValidationError) -> list[tuple[str, str]]:
+    return [(_key_path(_owner(e)), _message(e)) for e in error.errors()]
 
 
 def _owner(error: ErrorDetails) -> tuple[Any, ...]:
@@ -372,10 +301,10 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return "".join(parts).removeprefix(".")
 
 
-def _message(error: ErrorDetails, prefix: tuple[str, ...]) -> str:
+def _message(error: ErrorDetails) -> str:
     kind, value, ctx = error["type"], error["input"], error.get("ctx", {})
-    if kind == "extra_forbidden":
-        return _unknown_key(prefix + tuple(error["loc"]))
+    if kind == "unexpected_keyword_argument":
+        return _unknown_key(tuple(error["loc"]))
     if kind in _EXPECTED:
         return f"must be {_EXPECTED[kind]}, got {_show(value)}"
     if kind in _BOUNDS:
@@ -394,10 +323,10 @@ def _message(error: ErrorDetails, prefix: tuple[str, ...]) -> str:
 
 
 def _unknown_key(loc: tuple[Any, ...]) -> str:
-    spec: Any = _DeploymentSpec
+    section: Any = DeploymentConfig
     for part in loc[:-1]:
-        spec = spec.model_fields[part].annotation
-    known = list(spec.model_fields)
+        section = get_type_hints(section)[part]
+    known = [f.name for f in fields(section)]
     close = difflib.get_close_matches(str(loc[-1]), known, n=1)
     if close:
         return f"unknown key; did you mean {close[0]!r}?"

@@ -1,5 +1,10 @@
-"""The Ray controller: starts or joins Ray, places the prefill and decode pools with placement groups,
-opens a KV channel between a prefill and a decode worker on first use, and watches worker health."""
+"""The controller: one named Ray actor per deployment that owns placement, KV channels, loads and health.
+
+It places the prefill and decode pools with placement groups, opens a KV channel between a prefill and a
+decode worker on first use, polls every worker's load and health, and marks dead workers. Gateways (one
+or several processes) hold a handle to it (cluster/clients.py: ControllerClient) and read its view;
+`Deployment` is what the driver uses to start and stop it.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,27 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from diptych.cluster.config import DeploymentConfig
+from diptych.cluster.clients import (
+    CONTROLLER_NAME,
+    NAMESPACE,
+    ControllerClient,
+    DecodeClient,
+    PrefillClient,
+    WorkerDied,
+    actor_name,
+)
+from diptych.cluster.config import DeploymentConfig, RaySection
 from diptych.decode.worker import DecodeWorker
-from diptych.engine.kv_transfer import ChannelSpec
-from diptych.engine.llm_engine import EngineConfig
-from diptych.engine.messages import LoadReport, TransferSettings, WorkerSpec
+from diptych.engine.engine_config import EngineConfig
+from diptych.engine.messages import (
+    ChannelSpec,
+    DeploymentView,
+    LoadReport,
+    Role,
+    TransferSettings,
+    WorkerRef,
+    WorkerSpec,
+)
 from diptych.prefill.worker import PrefillWorker
 
 log = logging.getLogger(__name__)
@@ -26,92 +47,65 @@ log = logging.getLogger(__name__)
 # A CPU-only worker asks Ray for a sliver of a CPU so that several fit on a small machine; its torch
 # threads are set separately (WorkerSpec.torch_threads).
 CPU_WORKER_SHARE = 0.01
+WATCH_PERIOD_S = 0.5
+PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass
 class Pool:
-    role: str
+    role: Role
     group: PlacementGroup
-    actors: dict[str, Any] = field(default_factory=dict)  # worker id -> actor handle
+    workers: dict[str, PrefillClient | DecodeClient] = field(default_factory=dict)
     dead: set[str] = field(default_factory=set)
 
-    def live(self) -> dict[str, Any]:
-        return {wid: h for wid, h in self.actors.items() if wid not in self.dead}
+    def live(self) -> dict[str, PrefillClient | DecodeClient]:
+        return {wid: w for wid, w in self.workers.items() if wid not in self.dead}
 
 
 class Controller:
+    """The actor's body (created by `Deployment.start` as the named actor CONTROLLER_NAME)."""
+
     def __init__(self, config: DeploymentConfig) -> None:
         self.config = config
-        self.pools: dict[str, Pool] = {}
+        self.pools: dict[Role, Pool] = {}
         self.loads: dict[str, LoadReport] = {}
         self._channels: dict[tuple[str, str], asyncio.Task[ChannelSpec]] = {}
-        self._started_ray = False
         self._watch: asyncio.Task[None] | None = None
+        self._version = 0
 
-    # ---- lifecycle (blocking; run before the gateway's event loop serves) ----
+    # ---- lifecycle ----
 
-    def start(self) -> None:
-        self._init_ray()
+    async def start(self) -> None:
+        """Place both pools and wait until every engine has loaded; then watch their health."""
         cfg = self.config
+        transport = cfg.kv_transport
         transfer = TransferSettings(
             cfg.resolved_transport,
-            cfg.kv_transport.layers_per_message,
-            cfg.kv_transport.timeout_s,
-            cfg.kv_transport.stream_layers,
-            cfg.kv_transport.lanes,
+            transport.layers_per_message,
+            transport.timeout_s,
+            transport.stream_layers,
+            transport.lanes,
         )
-        self.pools["prefill"] = self._place(
-            "prefill",
-            PrefillWorker,
-            cfg.prefill.workers,
-            cfg.prefill.gpus_per_worker,
-            self._engine_config("prefill"),
-            transfer,
-        )
-        self.pools["decode"] = self._place(
-            "decode",
-            DecodeWorker,
-            cfg.decode.workers,
-            cfg.decode.gpus_per_worker,
-            self._engine_config("decode"),
-            transfer,
-        )
-        handles = [h for pool in self.pools.values() for h in pool.actors.values()]
-        ray.get([h.healthy.remote() for h in handles])  # every engine has loaded
-        for pool in self.pools.values():
-            for wid, report in zip(pool.actors, ray.get([h.load.remote() for h in pool.actors.values()])):
-                self.loads[wid] = report
+        self.pools["prefill"] = await self._place("prefill", PrefillWorker, cfg.prefill.workers,
+                                                  cfg.prefill.gpus_per_worker, transfer)  # fmt: skip
+        self.pools["decode"] = await self._place("decode", DecodeWorker, cfg.decode.workers,
+                                                 cfg.decode.gpus_per_worker, transfer)  # fmt: skip
+        workers = [w for pool in self.pools.values() for w in pool.workers.values()]
+        await asyncio.gather(*(w.healthy() for w in workers))  # every engine has loaded
+        for w, report in zip(workers, await asyncio.gather(*(w.load() for w in workers))):
+            self.loads[w.worker_id] = report
+        self._watch = asyncio.ensure_future(self._watch_loop())
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
         for pool in self.pools.values():
-            for handle in pool.actors.values():
-                ray.kill(handle, no_restart=True)
+            for w in pool.workers.values():
+                ray.kill(w.handle, no_restart=True)
             remove_placement_group(pool.group)
         self.pools.clear()
-        if self._started_ray:
-            ray.shutdown()
 
-    def _init_ray(self) -> None:
-        if ray.is_initialized():
-            return
-        rc = self.config.ray
-        if rc.address is None:
-            temp_dir = rc.temp_dir or os.path.join(tempfile.gettempdir(), "diptych-ray")
-            os.makedirs(temp_dir, exist_ok=True)
-            ray.init(
-                num_cpus=rc.num_cpus,
-                _temp_dir=temp_dir,
-                include_dashboard=False,
-                log_to_driver=True,
-                configure_logging=False,
-            )
-        else:
-            ray.init(address=rc.address)
-        self._started_ray = True
-
-    def _engine_config(self, role: str) -> EngineConfig:
+    def _engine_config(self, role: Role) -> EngineConfig:
         cfg = self.config
         pool = cfg.prefill if role == "prefill" else cfg.decode
         on_gpu = pool.gpus_per_worker > 0
@@ -135,43 +129,53 @@ class Controller:
             load_progress=False,
         )
 
-    def _place(
-        self, role: str, cls: type, workers: int, gpus: int, engine: EngineConfig, transfer: TransferSettings
+    async def _place(
+        self, role: Role, cls: type, workers: int, gpus: int, transfer: TransferSettings
     ) -> Pool:
         bundle: dict[str, float] = {"CPU": 1.0, "GPU": float(gpus)} if gpus else {"CPU": CPU_WORKER_SHARE}
         group = placement_group([bundle] * workers, strategy="PACK", name=f"diptych-{role}")
-        ray.get(group.ready())
+        await group.ready()
         pool = Pool(role, group)
         threads = max(1, (os.cpu_count() or 2) // (self.config.prefill.workers + self.config.decode.workers))
         actor_cls: Any = ray.remote(cls)
+        client = PrefillClient if role == "prefill" else DecodeClient
+        engine = self._engine_config(role)
         for i in range(workers):
             wid = f"{role}-{i}"
             spec = WorkerSpec(wid, role, engine, transfer, torch_threads=threads)
-            pool.actors[wid] = actor_cls.options(
-                name=f"diptych-{wid}",
+            handle = actor_cls.options(
+                name=actor_name(wid),
+                namespace=NAMESPACE,
                 num_cpus=bundle["CPU"],
                 num_gpus=gpus,
                 max_concurrency=1000,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
             ).remote(spec)
+            pool.workers[wid] = client(wid, handle)
         return pool
 
-    # ---- serving (asyncio) ----
+    # ---- what gateways ask ----
 
-    def prefill(self, worker_id: str) -> Any:
-        return self.pools["prefill"].actors[worker_id]
+    def workers(self) -> list[WorkerRef]:
+        return [
+            WorkerRef(wid, pool.role, w.handle)
+            for pool in self.pools.values()
+            for wid, w in pool.workers.items()
+        ]
 
-    def decode(self, worker_id: str) -> Any:
-        return self.pools["decode"].actors[worker_id]
-
-    def live_loads(self, role: str) -> list[LoadReport]:
-        return [self.loads[wid] for wid in self.pools[role].live() if wid in self.loads]
+    def view(self) -> DeploymentView:
+        live = [wid for pool in self.pools.values() for wid in pool.live()]
+        dead = [wid for pool in self.pools.values() for wid in pool.dead]
+        return DeploymentView(
+            tuple(self.loads[w] for w in live if w in self.loads), tuple(dead), self._version
+        )
 
     def mark_dead(self, worker_id: str) -> None:
         for pool in self.pools.values():
-            if worker_id in pool.actors and worker_id not in pool.dead:
+            if worker_id in pool.workers and worker_id not in pool.dead:
                 log.error("worker %s is dead: no new requests go to it", worker_id)
                 pool.dead.add(worker_id)
+                self._version += 1
         self.loads.pop(worker_id, None)  # its last report would stay in /metrics and the routing forever
         for pair in [p for p in self._channels if worker_id in p]:
             del self._channels[pair]
@@ -186,8 +190,11 @@ class Controller:
         await asyncio.shield(task)
 
     async def _open_channel(self, prefill_id: str, decode_id: str) -> ChannelSpec:
-        spec: ChannelSpec = await self.decode(decode_id).open_receiver.remote(prefill_id)
-        await self.prefill(prefill_id).open_sender.remote(decode_id, spec)
+        prefill = self.pools["prefill"].workers[prefill_id]
+        decode = self.pools["decode"].workers[decode_id]
+        assert isinstance(prefill, PrefillClient) and isinstance(decode, DecodeClient)
+        spec = await decode.open_receiver(prefill)
+        await prefill.open_sender(decode_id, spec)
         return spec
 
     def channel(self, prefill_id: str, decode_id: str) -> ChannelSpec | None:
@@ -199,25 +206,75 @@ class Controller:
 
     def forget_channel(self, prefill_id: str, decode_id: str) -> None:
         """The pair's channel broke: the next request on the pair opens a new one."""
-        self._channels.pop((prefill_id, decode_id), None)
+        if self._channels.pop((prefill_id, decode_id), None) is not None:
+            self._version += 1
 
-    def start_watching(self, period_s: float = 0.5) -> None:
-        self._watch = asyncio.ensure_future(self._watch_loop(period_s))
-
-    async def _watch_loop(self, period_s: float) -> None:
+    async def _watch_loop(self) -> None:
         while True:
             await self.refresh_loads()
-            await asyncio.sleep(period_s)
+            await asyncio.sleep(WATCH_PERIOD_S)
 
-    async def refresh_loads(self, timeout_s: float = 5.0) -> None:
+    async def refresh_loads(self) -> None:
         """Fresh load reports from every live worker; a worker that fails to answer is marked dead."""
         for pool in self.pools.values():
-            for wid, handle in pool.live().items():
+            for wid, worker in pool.live().items():
                 try:
-                    report = await asyncio.wait_for(handle.load.remote(), timeout_s)
+                    report = await asyncio.wait_for(worker.load(), PROBE_TIMEOUT_S)
                     if wid not in pool.dead:  # marked dead by a request while the report was on its way
                         self.loads[wid] = report
-                    if not await asyncio.wait_for(handle.healthy.remote(), timeout_s):
+                    if not await asyncio.wait_for(worker.healthy(), PROBE_TIMEOUT_S):
                         self.mark_dead(wid)
-                except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                except (WorkerDied, asyncio.TimeoutError):
                     self.mark_dead(wid)
+
+
+def init_ray(rc: RaySection) -> bool:
+    """Start a local Ray cluster, or join rc.address; False when this process was already attached."""
+    if ray.is_initialized():
+        return False
+    if rc.address is None:
+        temp_dir = rc.temp_dir or os.path.join(tempfile.gettempdir(), "diptych-ray")
+        os.makedirs(temp_dir, exist_ok=True)
+        ray.init(
+            num_cpus=rc.num_cpus,
+            namespace=NAMESPACE,
+            _temp_dir=temp_dir,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    else:
+        ray.init(address=rc.address, namespace=NAMESPACE)
+    return True
+
+
+class Deployment:
+    """The driver's handle on a deployment: Ray, the controller actor and through it the pools."""
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        self.config = config
+        self._started_ray = False
+        self._actor: Any = None
+        self.controller: ControllerClient | None = None
+
+    async def start(self) -> ControllerClient:
+        # On this thread, not a worker thread: Ray's processes die with the thread that started them.
+        self._started_ray = init_ray(self.config.ray)
+        actor_cls: Any = ray.remote(Controller)
+        self._actor = actor_cls.options(
+            name=CONTROLLER_NAME, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000
+        ).remote(self.config)
+        await self._actor.start.remote()
+        self.controller = await ControllerClient.connect(self._actor)
+        return self.controller
+
+    async def stop(self) -> None:
+        if self._actor is not None:
+            try:
+                await self._actor.stop.remote()
+            finally:
+                ray.kill(self._actor, no_restart=True)
+                self._actor = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

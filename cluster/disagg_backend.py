@@ -1,19 +1,30 @@
-"""The gateway's backend over the Ray pools: route, reserve on decode, prefill (streaming KV), then
-stream tokens from the decode worker."""
+"""The gateway's backend over the Ray pools: route, reserve on decode, start prefill (which streams the KV
+and the first token straight to decode), and stream tokens from the decode worker.
+
+The gateway is out of the KV lifecycle: it never relays a token between workers, and decode tells
+prefill directly when the KV has landed. It reads the controller's view (loads, dead workers) every
+VIEW_PERIOD_S and counts its own placements in between, so routing costs no remote call.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-import ray
-
-from diptych.cluster.controller import Controller
-from diptych.engine.llm_engine import RequestError
-from diptych.engine.messages import FinishReason, GenerateRequest, LoadReport, TokenDelta
-from diptych.prefill.worker import channel_failed
+from diptych.cluster.clients import ControllerClient, WorkerDied
+from diptych.engine.messages import (
+    DeploymentView,
+    FailureKind,
+    GenerateRequest,
+    LoadReport,
+    PrefillResult,
+    ReserveOutcome,
+    TokenDelta,
+    failed,
+)
 from diptych.router.backend import (
     BackendOverloadedError,
     BackendRejectedError,
@@ -24,71 +35,109 @@ from diptych.router.backend import (
 from diptych.router.policy import NoWorkerError, RoutingPolicy
 
 log = logging.getLogger(__name__)
+VIEW_PERIOD_S = 0.25
 
 
 class DisaggregatedBackend(GenerationBackend):
     def __init__(
-        self, controller: Controller, policy: RoutingPolicy, model_name: str, max_model_len: int
+        self, controller: ControllerClient, policy: RoutingPolicy, model_name: str, max_model_len: int
     ) -> None:
         super().__init__()
         self.controller = controller
         self.policy = policy
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self._view = DeploymentView((), (), -1)
+        self._loads: dict[str, LoadReport] = {}  # the view's loads plus this gateway's placements since
+        self._channels: set[tuple[str, str]] = set()  # pairs this gateway knows to be open
         self._placement: dict[str, tuple[str, str]] = {}  # request id -> (prefill id, decode id)
+        self._refresh: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Read the controller's view now and keep it fresh on the running loop (generate calls it on a
+        loop where the view is not kept fresh yet)."""
+        await self.refresh_view()
+        self._refresh = asyncio.ensure_future(self._refresh_loop())
+
+    async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+
+    async def refresh_view(self) -> None:
+        view = await self.controller.view()
+        if view.version != self._view.version:
+            self._channels.clear()  # a channel may have been forgotten or its worker died: ask again
+        self._view = view
+        self._loads = {r.worker_id: r for r in view.loads}  # the reports count what reached the workers
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(VIEW_PERIOD_S)
+            try:
+                await self.refresh_view()
+            except Exception:  # the controller is busy or restarting: keep the last view
+                log.exception("could not read the controller's view")
+
+    def _live(self, role: str) -> list[LoadReport]:
+        return [r for r in self._loads.values() if r.role == role]
 
     def _route(self, request: GenerateRequest) -> tuple[str, str]:
-        c = self.controller
         try:
-            return self.policy.choose(c.live_loads("prefill"), c.live_loads("decode"), request)
+            return self.policy.choose(self._live("prefill"), self._live("decode"), request)
         except NoWorkerError as e:
             raise BackendUnavailableError(str(e)) from None
 
+    async def _ensure_channel(self, p: str, d: str) -> None:
+        if (p, d) not in self._channels:
+            await self.controller.ensure_channel(p, d)
+            self._channels.add((p, d))
+
+    async def _forget_channel(self, p: str, d: str) -> None:
+        self._channels.discard((p, d))
+        await self.controller.forget_channel(p, d)
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        if self._refresh is None or self._refresh.done():  # first request, or a new event loop
+            await self.start()
         rid = request.request_id
         p, d = self._route(request)
+        prefill, decode = self.controller.prefill(p), self.controller.decode(d)
         self._placement[rid] = (p, d)
         self._count(p, d, +1)
         finished = False
+        prefilling: asyncio.Task[PrefillResult] | None = None
         try:
-            await self.controller.ensure_channel(p, d)
-            try:
-                reserved = await self.controller.decode(d).reserve.remote(request, p)
-            except RequestError as e:  # Ray re-raises the worker's error as a subclass of it
-                raise BackendRejectedError(str(getattr(e, "cause", None) or e)) from None
-            if not reserved:
-                raise BackendOverloadedError(f"decode worker {d} has no free KV blocks")
-            first = await self.controller.prefill(p).prefill.remote(request, d)
-            if channel_failed(first.error):  # the pair's channel broke: the next request opens a new one
-                self.controller.forget_channel(p, d)
-            finished = first.finished
-            if finished:  # done (or failed) at prefill: free the decode reservation now, not at its deadline
-                self.controller.decode(d).abort.remote(rid)
-            if first.queue_s is not None:
-                self.report_timing(Phase.QUEUE, first.queue_s)
-            yield first
-            if finished:
-                return
-            stream = self.controller.decode(d).generate.options(num_returns="streaming").remote(rid, first)
-            released = False
-            async for ref in stream:
-                delta: TokenDelta = await ref
-                if not released:  # the decode side has every layer: prefill may drop its copy
-                    self.controller.prefill(p).release.remote(rid)
-                    released = True
+            await self._ensure_channel(p, d)
+            reserved = await decode.reserve(request, p)
+            if reserved.outcome in (ReserveOutcome.REJECTED, ReserveOutcome.DUPLICATE_ID):
+                raise BackendRejectedError(reserved.message)
+            if not reserved.reserved:
+                raise BackendOverloadedError(f"decode worker {d} has no free KV blocks ({reserved.message})")
+            prefilling = asyncio.ensure_future(prefill.prefill(request, d))
+            tokens = decode.stream(rid)
+            async for delta, from_prefill in _until_prefill_fails(tokens, prefilling):
+                if from_prefill:  # the prefill failed: free the decode reservation now, not at its deadline
+                    await self._abort_on(rid, p, d)
+                if delta.failure is FailureKind.KV_CHANNEL:  # the pair's channel broke: the next request
+                    await self._forget_channel(p, d)  # on it opens a new one
+                if delta.queue_s is not None:
+                    self.report_timing(Phase.QUEUE, delta.queue_s)
                 if delta.kv_transfer_s is not None:
                     self.report_timing(Phase.KV_TRANSFER, delta.kv_transfer_s)
                 finished = delta.finished
                 yield delta
                 if finished:
                     return
-        except ray.exceptions.RayActorError as e:
-            dead = p if _names_actor(e, p) else d
-            self.controller.mark_dead(dead)
-            log.error("request %s lost its worker %s: %s", rid, dead, e)
+        except WorkerDied as e:
+            await self.controller.mark_dead(e.worker_id)
+            log.error("request %s lost its worker %s", rid, e.worker_id)
             finished = True
-            yield TokenDelta(rid, (), finish_reason=FinishReason.ERROR, error=f"worker {dead} died")
+            yield failed(rid, FailureKind.WORKER_DIED, f"worker {e.worker_id} died")
         finally:
+            if prefilling is not None and not prefilling.done():
+                prefilling.cancel()
             self._count(p, d, -1)
             self._placement.pop(rid, None)
             if not finished:
@@ -100,28 +149,55 @@ class DisaggregatedBackend(GenerationBackend):
             await self._abort_on(request_id, *placement)
 
     async def _abort_on(self, rid: str, p: str, d: str) -> None:
-        calls = []
-        for worker, handle in ((p, self.controller.prefill(p)), (d, self.controller.decode(d))):
-            if worker not in self.controller.pools[worker.split("-")[0]].dead:
-                calls.append(handle.abort.remote(rid))
-                if worker == p:
-                    calls.append(handle.release.remote(rid))
+        prefill, decode = self.controller.prefill(p), self.controller.decode(d)
+        calls = [w.abort(rid) for w in (prefill, decode) if w.worker_id not in self._view.dead]
+        if p not in self._view.dead:
+            calls.append(prefill.release(rid))
         await asyncio.gather(*calls, return_exceptions=True)
 
     def _count(self, p: str, d: str, step: int) -> None:
-        """Count a placement in the cached load at once, so a burst spreads before reports refresh."""
+        """Count a placement in the cached load at once, so a burst spreads before the view refreshes."""
         for wid in (p, d):
-            report = self.controller.loads.get(wid)
+            report = self._loads.get(wid)
             if report is not None:
-                self.controller.loads[wid] = replace(report, waiting=max(0, report.waiting + step))
+                self._loads[wid] = replace(report, waiting=max(0, report.waiting + step))
 
     def load(self) -> list[LoadReport]:
-        return list(self.controller.loads.values())
+        return list(self._view.loads)
 
     async def check_health(self) -> bool:
-        c = self.controller
-        return bool(c.live_loads("prefill")) and bool(c.live_loads("decode"))
+        return bool(self._live("prefill")) and bool(self._live("decode"))
 
 
-def _names_actor(error: Exception, worker_id: str) -> bool:
-    return f"diptych-{worker_id}" in str(error)
+async def _until_prefill_fails(
+    tokens: AsyncIterator[TokenDelta], prefilling: asyncio.Task[PrefillResult]
+) -> AsyncIterator[tuple[TokenDelta, bool]]:
+    """The decode stream's deltas, unless the prefill fails first: then its error, as the last delta; each
+    with whether it came from the prefill (the caller aborts the decode side then)."""
+    next_delta: asyncio.Future[TokenDelta] | None = None
+    watch: asyncio.Future[PrefillResult] | None = prefilling
+    try:
+        while True:
+            if next_delta is None:
+                next_delta = asyncio.ensure_future(anext(tokens))
+            waiting: set[asyncio.Future[object]] = {next_delta}  # type: ignore[arg-type]
+            if watch is not None:
+                waiting.add(watch)  # type: ignore[arg-type]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if watch is not None and watch.done():
+                result = watch.result()  # a dead prefill worker raises WorkerDied here
+                watch = None
+                if not result.ok:
+                    assert result.error is not None and result.failure is not None
+                    yield failed(result.request_id, result.failure, result.error), True
+                    return
+            if next_delta.done():
+                try:
+                    delta = next_delta.result()
+                except StopAsyncIteration:
+                    return
+                next_delta = None
+                yield delta, False
+    finally:
+        if next_delta is not None and not next_delta.done():
+            next_delta.cancel()

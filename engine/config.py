@@ -137,6 +137,7 @@ def _rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
 
 
 # Real shapes for benchmarks with random weights (the cost of a forward does not depend on values).
+RANDOM_PREFIX = "random:"  # a model path "random:<preset>" asks for random weights of that shape
 PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(
         vocab_size=49152,

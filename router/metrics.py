@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from diptych.engine.messages import LoadReport
@@ -65,13 +65,20 @@ class _WorkerLoadCollector(Collector):
         waiting = GaugeMetricFamily("diptych_worker_waiting_requests", "Requests waiting", labels=labels)
         used = GaugeMetricFamily("diptych_worker_kv_blocks_used", "KV cache blocks in use", labels=labels)
         total = GaugeMetricFamily("diptych_worker_kv_blocks_total", "KV cache blocks", labels=labels)
-        extra = GaugeMetricFamily("diptych_worker_stat", "Other worker figures", labels=[*labels, "name"])
+        held = GaugeMetricFamily(
+            "diptych_worker_held_requests", "Prefilled requests whose KV waits for decode to land", labels=labels
+        )
+        served = CounterMetricFamily("diptych_worker_served_requests", "Requests handed on", labels=labels)
+        transfer = GaugeMetricFamily(
+            "diptych_worker_kv_transfer_mean_seconds", "Reservation to KV landed, recent mean", labels=labels
+        )
         for report in self._load():
             key = [report.worker_id, report.role]
             running.add_metric(key, report.running)
             waiting.add_metric(key, report.waiting)
             used.add_metric(key, report.used_blocks)
             total.add_metric(key, report.total_blocks)
-            for name, value in sorted(report.extra.items()):
-                extra.add_metric([*key, name], value)
-        yield from (running, waiting, used, total, extra)
+            held.add_metric(key, report.held)
+            served.add_metric(key, report.served)
+            transfer.add_metric(key, report.kv_transfer_s_mean)
+        yield from (running, waiting, used, total, held, served, transfer)

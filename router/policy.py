@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from diptych.engine.messages import GenerateRequest, LoadReport
+if TYPE_CHECKING:  # for annotations only: the deployment config reads POLICIES without the engine's imports
+    from diptych.engine.messages import GenerateRequest, LoadReport
 
 
 class NoWorkerError(RuntimeError):
@@ -40,7 +42,9 @@ def _least_loaded(reports: Sequence[LoadReport], pool: str) -> str:
     return best.worker_id
 
 
-POLICIES: dict[str, Callable[[], RoutingPolicy]] = {"least_loaded": LeastLoaded}
+DEFAULT_POLICY = "least_loaded"
+# The one list of policy names: the deployment config accepts exactly these keys.
+POLICIES: dict[str, Callable[[], RoutingPolicy]] = {DEFAULT_POLICY: LeastLoaded}
 
 
 def make_policy(name: str) -> RoutingPolicy:

@@ -1,4 +1,7 @@
-"""The gateway's settings: one frozen dataclass, checked on construction."""
+"""The gateway's settings: one frozen dataclass, checked on construction.
+
+Its defaults are the deployment's too: cluster.config's gateway section takes them from here.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from dataclasses import dataclass
 class GatewaySettings:
     served_model_names: tuple[str, ...] = ()  # empty: the backend's model_name
     api_keys: tuple[str, ...] = ()  # empty: no authentication
-    max_body_bytes: int = 8 << 20
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_pending: int = 256  # requests in flight before new ones get 429
     request_timeout_s: float = 600.0  # whole request, first byte to last token
     retry_after_s: int = 1  # sent with 429 and 503

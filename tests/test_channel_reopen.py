@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import pytest
 
 from diptych.cluster.config import parse_config
-from diptych.cluster.controller import Controller
+from diptych.cluster.clients import ControllerClient
+from diptych.cluster.controller import Deployment as Started
 from diptych.cluster.disagg_backend import DisaggregatedBackend
 from diptych.engine.messages import GenerateRequest, SamplingParams
 from diptych.router.policy import make_policy
@@ -38,8 +39,9 @@ TRANSFER_TIMEOUT_S = 30.0  # a reservation left behind would only expire after t
 
 @dataclass(frozen=True)
 class Deployment:
-    controller: Controller
+    controller: ControllerClient
     backend: DisaggregatedBackend
+    block_size: int
 
 
 @dataclass(frozen=True)
@@ -63,21 +65,20 @@ def deployment(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
             "ray": {"num_cpus": 2, "temp_dir": str(tmp_path_factory.mktemp("ray"))},
         }
     )
-    controller = Controller(config)
+    started = Started(config)
     try:
-        controller.start()
+        controller = asyncio.run(started.start())
         max_len = TINY_SHAPE["max_position_embeddings"]
-        yield Deployment(
-            controller, DisaggregatedBackend(controller, make_policy("least_loaded"), "tiny", max_len)
-        )
+        backend = DisaggregatedBackend(controller, make_policy("least_loaded"), "tiny", max_len)
+        yield Deployment(controller, backend, config.decode.block_size)
     finally:
-        controller.stop()
+        asyncio.run(started.stop())
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir: str, deployment: Deployment) -> list[list[int]]:
     """Greedy tokens of each prompt from the single-process engine, at the deployment's block size."""
-    block_size = deployment.controller.config.decode.block_size
+    block_size = deployment.block_size
     engine = make_engine(tiny_llama_dir, block_size=block_size, kv_cache_gib=0.01)
     return [s.output_token_ids for s in engine.generate([list(p) for p in PROMPTS], SAMPLING)]
 
@@ -96,22 +97,22 @@ async def generate(
 
 
 # Run inside the workers by Ray's __ray_call__ (lambdas travel by value: workers need no test imports).
-_receivers = lambda worker: {pid: r.channel.name for pid, r in worker.receivers.items()}
-_senders = lambda worker: {did: s.channel.name for did, s in worker.senders.items()}
+_receivers = lambda worker: {pid: r.channel.name for pid, r in worker.kv.receivers.items()}
+_senders = lambda worker: {did: s.channel.name for did, s in worker.kv.senders.items()}
 _kv_threads = lambda worker: sorted(t.name for t in threading.enumerate() if t.name.startswith("kv-"))
 _native_threads = lambda worker: len(os.listdir("/proc/self/task"))
-_close_sender_channel = lambda worker: worker.senders[D].channel.close()
+_close_sender_channel = lambda worker: worker.kv.senders[D].channel.close()
 
 
-async def break_channel(controller: Controller, cycle: int) -> None:
+async def break_channel(controller: ControllerClient, cycle: int) -> None:
     if cycle % 2 == 0:
-        assert await controller.decode(D).drop_channel.remote(P)
+        assert await controller.decode(D).drop_channel(P)
     else:
-        await controller.prefill(P).__ray_call__.remote(_close_sender_channel)
+        await controller.prefill(P).handle.__ray_call__.remote(_close_sender_channel)
 
 
-async def channel_state(controller: Controller) -> ChannelState:
-    prefill, decode = controller.prefill(P), controller.decode(D)
+async def channel_state(controller: ControllerClient) -> ChannelState:
+    prefill, decode = controller.prefill(P).handle, controller.decode(D).handle
     return ChannelState(
         await decode.__ray_call__.remote(_receivers),
         await prefill.__ray_call__.remote(_senders),
@@ -123,11 +124,11 @@ async def channel_state(controller: Controller) -> ChannelState:
     )
 
 
-async def wait_idle(controller: Controller, timeout_s: float) -> None:
+async def wait_idle(controller: ControllerClient, timeout_s: float) -> None:
     """Both workers back to their idle block accounting: nothing used, running, waiting or held."""
     deadline = time.monotonic() + timeout_s
     while True:
-        reports = [await controller.prefill(P).load.remote(), await controller.decode(D).load.remote()]
+        reports = [await controller.prefill(P).load(), await controller.decode(D).load()]
         if all(r.used_blocks == 0 and r.running == 0 and r.waiting == 0 for r in reports):
             return
         assert time.monotonic() < deadline, f"not idle after {timeout_s} s: {reports}"
@@ -142,7 +143,7 @@ def test_a_dropped_channel_fails_the_next_request_and_a_new_channel_serves_the_r
 
     async def scenario() -> None:
         assert await generate(backend, "first", PROMPTS[0]) == (reference[0], None)
-        channel = controller.channel(P, D)
+        channel = await controller.channel(P, D)
         assert channel is not None
         state = await channel_state(controller)
         assert (state.receivers, state.senders) == ({P: channel.name}, {D: channel.name})
@@ -151,7 +152,7 @@ def test_a_dropped_channel_fails_the_next_request_and_a_new_channel_serves_the_r
         for cycle in range(CYCLES):
             # A reservation waiting on the channel when it breaks is freed at once, not at its deadline.
             waiting = GenerateRequest(f"waiting-{cycle}", PROMPTS[1], SAMPLING)
-            assert await decode.reserve.remote(waiting, P)
+            assert (await decode.reserve(waiting, P)).reserved
             await break_channel(controller, cycle)
             await wait_idle(controller, 5.0)
 
@@ -160,7 +161,7 @@ def test_a_dropped_channel_fails_the_next_request_and_a_new_channel_serves_the_r
             # neither worker keeps the failed request's blocks.
             tokens, error = await generate(backend, f"broken-{cycle}", PROMPTS[2])
             assert (tokens, error) == ([], f"KV transfer to {D} failed")
-            assert controller.channel(P, D) is None
+            assert await controller.channel(P, D) is None
             await wait_idle(controller, 5.0)
 
             # The next requests, sent together, reopen the channel and get the reference tokens.
@@ -168,7 +169,7 @@ def test_a_dropped_channel_fails_the_next_request_and_a_new_channel_serves_the_r
                 *(generate(backend, f"after-{cycle}-{i}", p) for i, p in enumerate(PROMPTS))
             )
             assert results == [(ref, None) for ref in reference]
-            channel = controller.channel(P, D)
+            channel = await controller.channel(P, D)
             assert channel is not None and channel.name not in names
             names.append(channel.name)
             await wait_idle(controller, 5.0)
@@ -185,6 +186,6 @@ def test_a_dropped_channel_fails_the_next_request_and_a_new_channel_serves_the_r
 
 def test_dropping_a_channel_that_is_not_open_is_a_no_op(deployment: Deployment) -> None:
     async def drop() -> bool:
-        return await deployment.controller.decode(D).drop_channel.remote("prefill-9")
+        return await deployment.controller.decode(D).drop_channel("prefill-9")
 
     assert asyncio.run(drop()) is False

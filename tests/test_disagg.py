@@ -115,14 +115,14 @@ def test_greedy_outputs_equal_single_process_engine(
 
 
 def test_requests_spread_over_all_four_workers(gateway: str) -> None:
-    before = {w: r.extra["served"] for w, r in loads().items()}
+    before = {w: r.served for w, r in loads().items()}
 
     async def run() -> list[str]:
         async with httpx.AsyncClient(base_url=gateway, timeout=120) as client:
             return await asyncio.gather(*(chat(client, p, stream=False) for p in PROMPTS))
 
     asyncio.run(run())
-    served = {w: r.extra["served"] - before[w] for w, r in loads().items()}
+    served = {w: r.served - before[w] for w, r in loads().items()}
     assert all(n > 0 for n in served.values()), served
 
 

@@ -25,7 +25,7 @@ PROMPT_LENGTHS = [7, 40, 129, 300]
 def test_nccl_disaggregated_greedy_equals_single_gpu_engine() -> None:
     ray = pytest.importorskip("ray")
     from diptych.cluster.config import parse_config
-    from diptych.cluster.controller import Controller
+    from diptych.cluster.controller import Deployment
     from diptych.cluster.disagg_backend import DisaggregatedBackend
     from diptych.engine.llm_engine import EngineConfig, LLMEngine
     from diptych.router.policy import make_policy
@@ -49,25 +49,27 @@ def test_nccl_disaggregated_greedy_equals_single_gpu_engine() -> None:
     del reference
     torch.cuda.empty_cache()
 
-    controller = Controller(config)
-    controller.start()
-    try:
-        backend = DisaggregatedBackend(controller, make_policy("least_loaded"), "smollm2", 8192)
+    async def run() -> list[list[int]]:
+        deployment = Deployment(config)
+        try:
+            controller = await deployment.start()
+            backend = DisaggregatedBackend(controller, make_policy("least_loaded"), "smollm2", 8192)
+            got = []
+            for ids in prompts:
+                request = GenerateRequest(uuid.uuid4().hex, tuple(ids), params)
+                tokens: list[int] = []
+                async for delta in backend.generate(request):
+                    assert delta.error is None, delta.error
+                    tokens.extend(delta.token_ids)
+                got.append(tokens)
+            for _ in range(50):  # prefill frees its copy when decode says the KV landed: soon after
+                loads = [await controller.worker(r.worker_id).load() for r in (await controller.view()).loads]
+                if all(r.used_blocks == 0 for r in loads):
+                    break
+                await asyncio.sleep(0.1)
+            assert len(loads) == 2 and all(r.used_blocks == 0 for r in loads), loads
+            return got
+        finally:
+            await deployment.stop()
 
-        async def one(ids: list[int]) -> list[int]:
-            request = GenerateRequest(uuid.uuid4().hex, tuple(ids), params)
-            tokens: list[int] = []
-            async for delta in backend.generate(request):
-                assert delta.error is None, delta.error
-                tokens.extend(delta.token_ids)
-            return tokens
-
-        async def run() -> list[list[int]]:
-            return [await one(ids) for ids in prompts]
-
-        got = asyncio.run(run())
-        assert got == expected
-        loads = ray.get([h.load.remote() for pool in controller.pools.values() for h in pool.actors.values()])
-        assert all(r.used_blocks == 0 for r in loads)
-    finally:
-        controller.stop()
+    assert asyncio.run(run()) == expected

@@ -86,7 +86,7 @@ class ScriptedBackend(GenerationBackend):
     def load(self) -> list[LoadReport]:
         return [
             LoadReport("prefill-0", "prefill", running=1, waiting=2, used_blocks=3, total_blocks=100),
-            LoadReport("decode-0", "decode", 4, 0, 57, 200, extra={"kv_transfer_gbps": 12.5}),
+            LoadReport("decode-0", "decode", 4, 0, 57, 200, served=9, kv_transfer_s_mean=0.0125),
         ]
 
     async def check_health(self) -> bool:
@@ -617,9 +617,9 @@ def test_metrics_move(tokenizer: Tokenizer, script: list[int]) -> None:
         assert after[("diptych_worker_kv_blocks_used", labels)] == report.used_blocks
         assert after[("diptych_worker_running_requests", labels)] == report.running
         assert after[("diptych_worker_waiting_requests", labels)] == report.waiting
-    assert after[
-        ("diptych_worker_stat", (("name", "kv_transfer_gbps"), ("role", "decode"), ("worker", "decode-0")))
-    ]
+        assert after[("diptych_worker_held_requests", labels)] == report.held
+        assert after[("diptych_worker_served_requests_total", labels)] == report.served
+        assert after[("diptych_worker_kv_transfer_mean_seconds", labels)] == report.kv_transfer_s_mean
 
 
 # ---- the official openai client against a real server ----

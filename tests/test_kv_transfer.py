@@ -217,7 +217,7 @@ def test_header_round_trip_and_checks() -> None:
             strict=True,
         )
     )
-    header = StepHeader(7, segments, aborted=(5, -3, 2**40), flags=StepFlags.NONE)
+    header = StepHeader(7, segments, aborted=(5, -3, 2**40), flags=StepFlags.NONE, layer_start=0, layer_end=5)
     words = encode_header(header, layout)
     assert words.dtype == torch.int64 and words.numel() * 8 == 8192
     assert decode_header(words, layout) == header
@@ -225,7 +225,7 @@ def test_header_round_trip_and_checks() -> None:
     assert [r for _, r in header.rows()][1] == slice(
         segments[0].num_tokens, sum(s.num_tokens for s in segments[:2])
     )
-    assert layout.groups == [(0, 3), (3, 5)] and layout.group_of(4) == (3, 5)
+    assert layout.groups() == [(0, 3), (3, 5)] and layout.group_of(4) == (3, 5)
 
     other = KVLayout(
         num_layers=5, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=torch.float16, layers_per_message=3

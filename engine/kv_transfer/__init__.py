@@ -18,6 +18,8 @@ from diptych.engine.kv_transfer.base import (
 from diptych.engine.kv_transfer.protocol import (
     HEADER_WORDS,
     MAX_SEGMENTS,
+    FinishCode,
+    FirstToken,
     KVLayout,
     KVStreamReceiver,
     KVStreamSender,
@@ -38,6 +40,8 @@ __all__ = [
     "ChannelClosed",
     "ChannelListener",
     "ChannelSpec",
+    "FinishCode",
+    "FirstToken",
     "Handle",
     "KVChannel",
     "KVLayout",

@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 
 import torch
 from torch.distributed import TCPStore
+
+from diptych.engine.messages import ChannelSpec
 
 SENDER_RANK = 0  # the prefill side
 RECEIVER_RANK = 1  # the decode side; it hosts the pair's TCPStore
@@ -31,31 +32,6 @@ class TransferTimeout(TransferError):
 
 class ChannelClosed(TransferError):
     """The channel was closed on this side while a transfer was pending or about to be posted."""
-
-
-@dataclass(frozen=True)
-class ChannelSpec:
-    """What the controller hands both sides of a pair (picklable)."""
-
-    backend: str  # a key of TRANSPORTS: "gloo" (CPU) or "nccl" (GPU)
-    host: str  # where the receiver's TCPStore listens
-    port: int
-    name: str  # unique per pair, e.g. "prefill-0->decode-1"
-    timeout_s: float = 30.0  # bounds each wait for a message of a step that started (never an idle wait)
-    connect_timeout_s: float = 60.0  # bounds the rendezvous, which includes waiting for the peer to show up
-    # NCCL: communicators the payload messages take turns on, so one message's start-up overlaps the
-    # previous one's transfer (a p2p operation pays a fixed handshake that a single stream serialises).
-    lanes: int = 1
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("a channel needs a non-empty name")
-        if self.lanes < 1:
-            raise ValueError(f"channel {self.name!r}: lanes must be >= 1, got {self.lanes}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"channel {self.name!r}: port must be in [1, 65535], got {self.port}")
-        if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
-            raise ValueError(f"channel {self.name!r}: timeouts must be positive")
 
 
 class Handle(ABC):

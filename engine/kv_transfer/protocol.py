@@ -1,15 +1,20 @@
 """The KV stream protocol over one channel: self-describing steps, so both sides post matching operations.
 
 Every prefill step that carries KV for a channel is one fixed-size int64 header (the receiver can always
-post it) followed by ceil(num_layers / layers_per_message) payload messages whose sizes both sides compute
-from the header. The payload for layers [a, b) has shape [b - a, 2, T, kv_heads, head_dim]: per layer, K
-rows then V rows of the step's T tokens, segments concatenated in header order. A step is always sent in
-full (an abort rides in the next header), so the channel never desynchronises.
+post it) followed by one payload message per group of layers_per_message layers of the sender's layer band
+[layer_start, layer_end) (a pipeline stage sends only its own layers, so several senders can fill one
+request), whose sizes both sides compute from the header. The payload for layers [a, b) has shape
+[b - a, 2, T, kv_heads, head_dim]: per layer, K rows then V rows of the step's T tokens, segments
+concatenated in header order. A step is always sent in full (an abort rides in the next header), so the
+channel never desynchronises. A header without segments carries no payload: the sender posts one after a
+step to hand over the first tokens it sampled, so the decode side starts without anyone relaying them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -23,9 +28,12 @@ from diptych.engine.kv_transfer.base import Handle, KVChannel, TransferError
 
 HEADER_WORDS = 1024  # 8 KiB of int64
 _MAGIC = 0x4450_4B56  # "DPKV"
-_VERSION = 1
-_FIXED_WORDS = 11  # magic, version, step_id, flags, 5 layout words, num_segments, num_aborted
-_TABLE_WORDS = HEADER_WORDS - _FIXED_WORDS  # 3 per segment, 1 per aborted tag
+_VERSION = 2
+# magic, version, step_id, flags, 5 layout words, layer_start, layer_end, num_segments, num_aborted,
+# num_first_tokens
+_FIXED_WORDS = 14
+_TABLE_WORDS = HEADER_WORDS - _FIXED_WORDS  # 3 per segment, 1 per aborted tag, 6 per first token
+_FIRST_TOKEN_WORDS = 6
 MAX_SEGMENTS = _TABLE_WORDS // 3
 
 _DTYPE_CODES = {
@@ -61,12 +69,35 @@ class Segment:
             raise ValueError(f"bad segment {self}: need start_position >= 0 and num_tokens >= 1")
 
 
+class FinishCode(IntFlag):
+    """How a first token ended its request, if it did (FinishReason STOP / LENGTH on the wire)."""
+
+    NONE = 0
+    STOP = 1
+    LENGTH = 2
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The token a prefill sampled after a request's last prompt chunk, with what decode reports with it."""
+
+    request_tag: int
+    token_id: int
+    logprob: float | None = None
+    finish: FinishCode = FinishCode.NONE
+    sampled_time: float = 0.0  # epoch seconds
+    queue_s: float = 0.0  # arrival at the prefill worker to its first scheduled step
+
+
 @dataclass(frozen=True)
 class StepHeader:
     step_id: int
     segments: tuple[Segment, ...]
     aborted: tuple[int, ...] = ()  # request tags the sender aborted since the previous header
     flags: StepFlags = StepFlags.NONE
+    layer_start: int = 0  # the sender's layer band: the payloads cover [layer_start, layer_end)
+    layer_end: int = 0
+    first_tokens: tuple[FirstToken, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -100,15 +131,20 @@ class KVLayout:
         if self.dtype not in _DTYPE_CODES:
             raise ValueError(f"KV dtype {self.dtype} is not supported by the KV stream")
 
-    @property
-    def groups(self) -> list[tuple[int, int]]:
-        """The layer ranges [a, b) of the payload messages of a step, in order."""
+    def groups(self, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+        """The layer ranges [a, b) of the payload messages of a step of band [start, end), in order."""
+        end = self.num_layers if end is None else end
         step = self.layers_per_message
-        return [(a, min(a + step, self.num_layers)) for a in range(0, self.num_layers, step)]
+        return [(a, min(a + step, end)) for a in range(start, end, step)]
 
-    def group_of(self, layer: int) -> tuple[int, int]:
-        a = layer - layer % self.layers_per_message
-        return a, min(a + self.layers_per_message, self.num_layers)
+    def group_of(self, layer: int, start: int = 0, end: int | None = None) -> tuple[int, int]:
+        end = self.num_layers if end is None else end
+        a = layer - (layer - start) % self.layers_per_message
+        return a, min(a + self.layers_per_message, end)
+
+    def check_band(self, start: int, end: int) -> None:
+        if not 0 <= start < end <= self.num_layers:
+            raise ValueError(f"layer band [{start}, {end}) is not inside [0, {self.num_layers})")
 
     def payload_shape(self, num_layers: int, num_tokens: int) -> tuple[int, int, int, int, int]:
         return (num_layers, 2, num_tokens, self.kv_heads, self.head_dim)
@@ -118,16 +154,47 @@ class KVLayout:
         return [*dims, _DTYPE_CODES[self.dtype]]
 
 
+def _float_word(x: float) -> int:
+    return int.from_bytes(struct.pack("<d", x), "little", signed=True)
+
+
+def _word_float(w: int) -> float:
+    return float(struct.unpack("<d", w.to_bytes(8, "little", signed=True))[0])
+
+
+def _token_words(t: FirstToken) -> list[int]:
+    logprob = math.nan if t.logprob is None else t.logprob
+    return [
+        t.request_tag, t.token_id, _float_word(logprob), int(t.finish), _float_word(t.sampled_time),
+        _float_word(t.queue_s),
+    ]  # fmt: skip
+
+
+def _words_token(w: list[int]) -> FirstToken:
+    logprob = _word_float(w[2])
+    return FirstToken(
+        w[0],
+        w[1],
+        None if math.isnan(logprob) else logprob,
+        FinishCode(w[3]),
+        _word_float(w[4]),
+        _word_float(w[5]),
+    )
+
+
 def encode_header(header: StepHeader, layout: KVLayout) -> torch.Tensor:
     table = [w for s in header.segments for w in (s.request_tag, s.start_position, s.num_tokens)]
     table += header.aborted
+    table += [w for t in header.first_tokens for w in _token_words(t)]
     if len(table) > _TABLE_WORDS:
         raise ValueError(
-            f"step {header.step_id}: {len(header.segments)} segments and {len(header.aborted)} aborted tags "
-            f"do not fit a header (3 words per segment + 1 per tag <= {_TABLE_WORDS})"
+            f"step {header.step_id}: {len(header.segments)} segments, {len(header.aborted)} aborted tags and "
+            f"{len(header.first_tokens)} first tokens do not fit a header (3 words per segment + 1 per tag + "
+            f"{_FIRST_TOKEN_WORDS} per first token <= {_TABLE_WORDS})"
         )
     fixed = [_MAGIC, _VERSION, header.step_id, int(header.flags), *layout.words()]
-    words = [*fixed, len(header.segments), len(header.aborted), *table]
+    counts = [len(header.segments), len(header.aborted), len(header.first_tokens)]
+    words = [*fixed, header.layer_start, header.layer_end, *counts, *table]
     out = torch.zeros(HEADER_WORDS, dtype=torch.int64)
     out[: len(words)] = torch.tensor(words, dtype=torch.int64)
     return out
@@ -142,13 +209,23 @@ def decode_header(words: torch.Tensor, layout: KVLayout) -> StepHeader:
             "sender and receiver disagree on the KV layout: (layers, kv heads, head dim, layers per "
             f"message, dtype code) is {tuple(w[4:9])} there, {tuple(layout.words())} here"
         )
-    num_segments, num_aborted = w[9], w[10]
-    if 3 * num_segments + num_aborted > _TABLE_WORDS:
-        raise ProtocolError(f"corrupt header: {num_segments} segments, {num_aborted} aborted tags")
+    layer_start, layer_end, num_segments, num_aborted, num_first = w[9:14]
+    if 3 * num_segments + num_aborted + _FIRST_TOKEN_WORDS * num_first > _TABLE_WORDS or min(w[9:14]) < 0:
+        raise ProtocolError(
+            f"corrupt header: {num_segments} segments, {num_aborted} aborted tags, {num_first} first tokens"
+        )
+    if num_segments and not 0 <= layer_start < layer_end <= layout.num_layers:
+        raise ProtocolError(f"corrupt header: layer band [{layer_start}, {layer_end}) of {layout.num_layers}")
     table = w[_FIXED_WORDS:]
     segments = tuple(Segment(*table[3 * i : 3 * i + 3]) for i in range(num_segments))
-    aborted = tuple(table[3 * num_segments : 3 * num_segments + num_aborted])
-    return StepHeader(w[2], segments, aborted, StepFlags(w[3]))
+    at = 3 * num_segments
+    aborted = tuple(table[at : at + num_aborted])
+    at += num_aborted
+    first = tuple(
+        _words_token(table[at + _FIRST_TOKEN_WORDS * i : at + _FIRST_TOKEN_WORDS * (i + 1)])
+        for i in range(num_first)
+    )
+    return StepHeader(w[2], segments, aborted, StepFlags(w[3]), layer_start, layer_end, first)
 
 
 class _Staging:
@@ -217,9 +294,13 @@ class KVStreamSender:
         layers_per_message: int = 1,
         *,
         max_in_flight: int | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> None:
+        """layers: the band [start, end) this sender streams (default: every layer)."""
         self.channel = channel
         self.layout = KVLayout(num_layers, kv_heads, head_dim, dtype, layers_per_message)
+        self.band = layers if layers is not None else (0, num_layers)
+        self.layout.check_band(*self.band)
         self._timeout_s = channel.spec.timeout_s
         in_flight = 2 * channel.spec.lanes if max_in_flight is None else max_in_flight
         self._payloads = _Staging(in_flight, dtype, channel.device)
@@ -238,10 +319,29 @@ class KVStreamSender:
             self.abort(tag)
         if any(s.request_tag in self._aborted for s in segments):
             raise ValueError("a step cannot carry a request that was aborted")
-        header = StepHeader(self._next_step_id, tuple(segments), self._announce(len(segments)))
+        start, end = self.band
+        header = StepHeader(
+            self._next_step_id, tuple(segments), self._announce(3 * len(segments)), StepFlags.NONE, start, end
+        )
         self._post_header(header)
         self._next_step_id += 1
-        self._step = _OpenStep(header)
+        self._step = _OpenStep(header, next_layer=start)
+
+    def send_first_tokens(self, tokens: Sequence[FirstToken]) -> None:
+        """Hand the receiver the first tokens of requests whose prompts this channel carried (a header
+        without payload, after the steps that carried their KV)."""
+        if self._step is not None:
+            raise RuntimeError(f"step {self._step.header.step_id} is still open: call end_step first")
+        tokens = list(tokens)
+        while tokens:  # a header holds a bounded number of them
+            room = (_TABLE_WORDS - len(self._aborted)) // _FIRST_TOKEN_WORDS or 1
+            batch, tokens = tokens[:room], tokens[room:]
+            aborted = self._announce(_FIRST_TOKEN_WORDS * len(batch))
+            start, end = self.band
+            self._post_header(
+                StepHeader(self._next_step_id, (), aborted, StepFlags.NONE, start, end, tuple(batch))
+            )
+            self._next_step_id += 1
 
     def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Queue layer `layer`'s K and V rows [T_step, kv_heads, head_dim] of this step's segments, in order.
@@ -258,7 +358,7 @@ class KVStreamSender:
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             got = (tuple(k.shape), tuple(v.shape))
             raise ValueError(f"layer {layer}: K and V must be {expected}, got {got[0]} and {got[1]}")
-        a, b = self.layout.group_of(layer)
+        a, b = self.layout.group_of(layer, *self.band)
         if self._stream is not None:  # the side stream starts when the compute stream has written this layer
             self._stream.wait_stream(torch.cuda.current_stream(self.channel.device))
             for t in (k, v):
@@ -279,9 +379,10 @@ class KVStreamSender:
     def end_step(self) -> None:
         """Close the step; all its messages are posted (not necessarily complete)."""
         step = self._require_step()
-        if step.next_layer != self.layout.num_layers and step.header.num_tokens:
+        if step.next_layer != self.band[1] and step.header.num_tokens:
             raise RuntimeError(
-                f"step {step.header.step_id} ended after {step.next_layer} of {self.layout.num_layers} layers"
+                f"step {step.header.step_id} ended after {step.next_layer - self.band[0]} of "
+                f"{self.band[1] - self.band[0]} layers (band {list(self.band)})"
             )
         self._step = None
 
@@ -315,11 +416,12 @@ class KVStreamSender:
             raise RuntimeError("no step is open: call begin_step first")
         return self._step
 
-    def _announce(self, num_segments: int) -> tuple[int, ...]:
-        """The aborted tags that fit in the next header beside its segments; the rest wait for the next."""
-        if num_segments > MAX_SEGMENTS:
-            raise ValueError(f"a step carries at most {MAX_SEGMENTS} segments, got {num_segments}")
-        room = _TABLE_WORDS - 3 * num_segments
+    def _announce(self, used_words: int) -> tuple[int, ...]:
+        """The aborted tags that fit in the next header beside its other `used_words` table words; the rest
+        wait for the next header."""
+        if used_words > _TABLE_WORDS:
+            raise ValueError(f"a step carries at most {MAX_SEGMENTS} segments, got {used_words // 3}")
+        room = _TABLE_WORDS - used_words
         tags = list(self._aborted)[:room]
         for tag in tags:
             del self._aborted[tag]
@@ -410,7 +512,7 @@ class KVStreamReceiver:
     def _recv_payloads(self, header: StepHeader) -> None:
         if header.num_tokens == 0:
             return
-        groups = deque(self.layout.groups)
+        groups = deque(self.layout.groups(header.layer_start, header.layer_end))
         posted: deque[tuple[int, int, torch.Tensor, Handle]] = deque()
 
         def post() -> None:
