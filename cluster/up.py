@@ -126,7 +126,9 @@ async def join(
 ) -> None:
     """`diptych gateway`: one more gateway process for a deployment that `diptych up` started."""
     tokenizer, max_len = _model_facts(config)
-    started_ray = init_ray(config.ray)  # on this thread: Ray's processes die with the thread that started them
+    started_ray = init_ray(
+        config.ray
+    )  # on this thread: Ray's processes die with the thread that started them
     try:
         controller = await ControllerClient.find()
         await serve_gateway(config, controller, tokenizer, max_len, on_ready)

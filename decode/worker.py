@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any
 
 import torch
@@ -21,9 +19,9 @@ import torch
 from diptych.engine.core import EngineCore
 from diptych.engine.engine_thread import EngineThread, deliver, drain_until_finished
 from diptych.engine.executor import LocalExecutor
-from diptych.engine.kv_connector import KVLandingHalf
-from diptych.engine.kv_transfer import ChannelListener, ChannelSpec, KVStreamReceiver
+from diptych.engine.kv_connector import KVLandingHalf, KVStreamReceiver
 from diptych.engine.messages import (
+    ChannelSpec,
     FailureKind,
     FinishReason,
     GenerateRequest,
@@ -69,25 +67,10 @@ class DecodeWorker:
         """Open a KV channel for prefill_id; returns what the prefill side needs to join it. The channel
         finishes connecting in the background once the prefill worker joins. `prefill` (its actor handle)
         is told when a request's KV has all landed."""
-        name = f"{prefill_id}->{self.spec.worker_id}-{time.monotonic_ns()}"
-        transfer = self.spec.transfer
-        listener = ChannelListener(
-            transfer.backend, name, _node_ip(), transfer.timeout_s, lanes=transfer.lanes
-        )
         if prefill is not None:
             self._senders[prefill_id] = prefill
-
-        def start() -> None:
-            try:
-                conn = listener.accept(self.executor.device)
-            except Exception as e:  # the prefill side never joined: nothing was promised over it yet
-                log.error("KV channel %s never connected: %s", name, e)
-                return
-            receiver = self.kv.make_receiver(prefill_id, conn)
-            self.thread.submit(partial(self.kv.add_receiver, prefill_id, receiver))
-
-        threading.Thread(target=start, name=f"kv-connect-{name}", daemon=True).start()
-        return listener.spec
+        name = f"{prefill_id}->{self.spec.worker_id}-{time.monotonic_ns()}"
+        return self.kv.listen(prefill_id, name, _node_ip())
 
     async def drop_channel(self, prefill_id: str) -> bool:
         """Close the KV channel from prefill_id as a failure would: a fault-injection and maintenance hook

@@ -18,8 +18,8 @@ from diptych.engine.core import EngineCore, RequestError
 from diptych.engine.engine_thread import EngineThread, deliver
 from diptych.engine.executor import LocalExecutor
 from diptych.engine.kv_connector import KVSendHalf, KVShape, join_sender
-from diptych.engine.kv_transfer import ChannelSpec
 from diptych.engine.messages import (
+    ChannelSpec,
     FailureKind,
     FinishReason,
     GenerateRequest,

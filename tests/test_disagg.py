@@ -246,3 +246,77 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(gateway: str) -> N
         for histogram in ("time_to_first_token", "queue_time", "kv_transfer"):
             name = next(n for n in counts if histogram in n)
             assert counts[name] > 0, f"{name} never observed"
+
+
+def test_decode_starts_before_anyone_relays_the_first_token(
+    gateway: str, tokenizer: Tokenizer, reference: dict[str, list[int]]
+) -> None:
+    """The first token rides the KV stream: with the prefill done and nobody reading the decode side's
+    stream yet, the decode worker is already decoding; the tokens read afterwards are the reference's."""
+    from diptych.cluster.clients import ControllerClient
+    from diptych.engine.messages import GenerateRequest
+
+    prompt = PROMPTS[0]
+    ids = tuple(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+    request = GenerateRequest("no-relay", ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+
+    async def run() -> list[int]:
+        controller = await ControllerClient.find()
+        prefill, decode = controller.prefill("prefill-0"), controller.decode("decode-1")
+        await controller.ensure_channel(prefill.worker_id, decode.worker_id)
+        before = (await decode.load()).served
+        assert (await decode.reserve(request, prefill.worker_id)).reserved
+        result = await prefill.prefill(request, decode.worker_id)  # returns a status, not the token
+        assert result.ok and not hasattr(result, "token_ids")
+        deadline = time.monotonic() + 20
+        while (await decode.load()).served == before:  # admitted on the first token from the KV stream
+            assert time.monotonic() < deadline, "decode never started on its own"
+            await asyncio.sleep(0.02)
+        return [t async for delta in decode.stream(request.request_id) for t in delta.token_ids]
+
+    assert asyncio.run(run()) == reference[prompt]
+    wait_until(all_idle, 10, "both workers to free the request (prefill on decode's word that it landed)")
+
+
+def test_a_second_gateway_process_serves_the_same_deployment(
+    gateway: str, tokenizer: Tokenizer, reference: dict[str, list[int]], tmp_path: Any
+) -> None:
+    """`diptych gateway` in another process joins the deployment through its controller actor; both
+    gateways serve at once, with the reference's tokens, and share the workers."""
+    import os
+    import subprocess
+    import sys
+
+    address = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [sys.executable, "-m", "diptych.cluster.cli", "gateway", "--address", address, "--port", "0"]
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = None
+        assert second.stdout is not None
+        for line in second.stdout:  # the gateway prints its URL once it listens
+            if line.startswith("diptych gateway listening on "):
+                url = line.split()[-1]
+                break
+        assert url is not None, f"the second gateway exited with {second.wait()}"
+
+        async def both() -> list[str]:
+            async with (
+                httpx.AsyncClient(base_url=gateway, timeout=120) as one,
+                httpx.AsyncClient(base_url=url, timeout=120) as two,
+            ):
+                return await asyncio.gather(
+                    *(chat(one if i % 2 else two, p, stream=i % 3 == 0) for i, p in enumerate(PROMPTS))
+                )
+
+        for prompt, text in zip(PROMPTS, asyncio.run(both())):
+            assert text == tokenizer.decode(reference[prompt]), prompt
+        with httpx.Client(base_url=url, timeout=30) as client:
+            lines = client.get("/metrics").text.splitlines()
+        totals = [line for line in lines if line.startswith("diptych_worker_kv_blocks_total{")]
+        workers = {line.split('worker="')[1].split('"')[0] for line in totals}
+        assert workers == set(WORKERS)
+    finally:
+        second.terminate()
+        second.wait(30)
+    wait_until(all_idle, 10, "every worker to return to idle")

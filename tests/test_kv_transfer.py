@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -23,6 +23,8 @@ from diptych.engine.kv_transfer import (
     SENDER_RANK,
     ChannelListener,
     ChannelSpec,
+    FinishCode,
+    FirstToken,
     KVChannel,
     KVLayout,
     KVStreamReceiver,
@@ -452,6 +454,48 @@ def test_sender_checks_its_use_and_carries_abort_only_steps() -> None:
     finally:
         p.sender.close()
         p.receiver.stop()
+
+
+def test_two_layer_bands_fill_one_request_and_first_tokens_ride_the_stream() -> None:
+    """Two senders (pipeline stages) each stream their own band of layers of the same request into one
+    receiver layout, and a payload-free header hands over the first token (with its finish and timings)."""
+    stage0, stage1 = (
+        local_pair("band-0", num_layers=5, layers_per_message=2),
+        local_pair("band-1", num_layers=5, layers_per_message=2),
+    )
+    try:
+        for p, band in ((stage0, (0, 3)), (stage1, (3, 5))):
+            p.sender = KVStreamSender(p.sender.channel, 5, KV_HEADS, HEAD_DIM, DTYPE, 2, layers=band)
+            seg = (Segment(7, 0, 6),)
+            p.sender.begin_step(seg)
+            with pytest.raises(ValueError, match=f"expected layer {band[0]}"):
+                p.sender.send_layer(band[0] + 1, *step_kv(seg, 0))
+            for layer in range(*band):
+                kv = step_kv(seg, layer)
+                p.sender.send_layer(layer, kv[0], kv[1])
+            p.sender.end_step()
+        first = FirstToken(7, 42, -0.25, FinishCode.LENGTH, sampled_time=1.5e9, queue_s=0.125)
+        stage1.sender.send_first_tokens([first])
+        stage0.wait_steps(1)
+        stage1.wait_steps(2)
+        h0, h1 = stage0.collector.headers[0], stage1.collector.headers[0]
+        assert (h0.layer_start, h0.layer_end, h1.layer_start, h1.layer_end) == (0, 3, 3, 5)
+        rows = {layer: kv for c in (stage0.collector, stage1.collector) for layer, _, kv in c.rows[7]}
+        assert sorted(rows) == [0, 1, 2, 3, 4]
+        for layer, kv in rows.items():
+            assert torch.equal(kv, request_kv(7, layer, 6)), layer
+        tokens = stage1.collector.headers[1]
+        assert tokens.segments == () and tokens.first_tokens == (first,)
+        no_logprob = replace(first, logprob=None, finish=FinishCode.NONE)
+        layout = KVLayout(5, KV_HEADS, HEAD_DIM, DTYPE, 2)
+        header = StepHeader(3, (), first_tokens=(no_logprob,) * 100)
+        assert decode_header(encode_header(header, layout), layout) == header
+        with pytest.raises(ValueError, match="not inside"):
+            KVStreamSender(stage0.sender.channel, 5, KV_HEADS, HEAD_DIM, DTYPE, 2, layers=(3, 6))
+    finally:
+        for p in (stage0, stage1):
+            p.sender.close()
+            p.receiver.stop()
 
 
 def test_bad_specs_are_rejected() -> None:

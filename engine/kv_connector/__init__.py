@@ -2,5 +2,6 @@
 
 from diptych.engine.kv_connector.land import KVLandingHalf
 from diptych.engine.kv_connector.send import KVSendHalf, KVShape, join_sender
+from diptych.engine.kv_transfer import KVStreamReceiver
 
-__all__ = ["KVLandingHalf", "KVSendHalf", "KVShape", "join_sender"]
+__all__ = ["KVLandingHalf", "KVSendHalf", "KVShape", "KVStreamReceiver", "join_sender"]

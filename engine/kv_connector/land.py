@@ -19,8 +19,17 @@ import torch
 
 from diptych.engine.core import EngineCore
 from diptych.engine.executor import Executor
-from diptych.engine.kv_transfer import FinishCode, FirstToken, KVChannel, KVStreamReceiver, StepHeader
+from diptych.engine.kv_transfer import (
+    ChannelListener,
+    FinishCode,
+    FirstToken,
+    KVChannel,
+    KVStreamReceiver,
+    StepHeader,
+)
+from diptych.engine.kv_transfer.torch_dist import set_nccl_error_handling
 from diptych.engine.messages import (
+    ChannelSpec,
     FailureKind,
     FinishReason,
     GenerateRequest,
@@ -91,6 +100,7 @@ class KVLandingHalf:
         self._reserved: dict[str, _Reservation] = {}
         self._by_tag: dict[int, str] = {}
         self.transfer_times: list[float] = []  # reservation to admission, seconds
+        set_nccl_error_handling()
 
     @property
     def num_reserved(self) -> int:
@@ -199,6 +209,25 @@ class KVLandingHalf:
             self.core.admit_prefilled(r.request, r.seed, delta)
         self._emit(delta)
         self._on_landed(r.sender_id, request_id)
+
+    # ---- channels (any thread) ----
+
+    def listen(self, sender_id: str, name: str, host: str) -> ChannelSpec:
+        """Open a channel for sender_id and return what the sender needs to join it; the channel finishes
+        connecting on a thread of its own once the sender joins, then its receiver starts."""
+        t = self.transfer
+        listener = ChannelListener(t.backend, name, host, t.timeout_s, lanes=t.lanes)
+
+        def connect() -> None:
+            try:
+                conn = listener.accept(self.executor.device)
+            except Exception as e:  # the sender never joined: nothing was promised over it yet
+                log.error("KV channel %s never connected: %s", name, e)
+                return
+            self._submit(partial(self.add_receiver, sender_id, self.make_receiver(sender_id, conn)))
+
+        threading.Thread(target=connect, name=f"kv-connect-{name}", daemon=True).start()
+        return listener.spec
 
     # ---- receiver threads ----
 

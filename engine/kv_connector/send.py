@@ -17,7 +17,6 @@ import torch
 
 from diptych.engine.forward_context import KVHook
 from diptych.engine.kv_transfer import (
-    ChannelSpec,
     FinishCode,
     FirstToken,
     KVStreamSender,
@@ -25,7 +24,8 @@ from diptych.engine.kv_transfer import (
     TransferTimeout,
     open_channel,
 )
-from diptych.engine.messages import FinishReason, TokenDelta, TransferSettings, request_tag
+from diptych.engine.kv_transfer.torch_dist import set_nccl_error_handling
+from diptych.engine.messages import ChannelSpec, FinishReason, TokenDelta, TransferSettings, request_tag
 from diptych.engine.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class KVSendHalf:
         self._deferred: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
         self.plan_s = 0.0  # time the last step spent beginning its KV steps (posting their headers)
         self.step_shape = (0, 0)  # the last step's sequences and tokens
+        set_nccl_error_handling()
 
     # ---- channels and requests ----
 

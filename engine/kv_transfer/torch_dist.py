@@ -245,13 +245,13 @@ def _nccl_group(
     opts = torch.distributed.ProcessGroupNCCL.Options()
     opts._timeout = _IDLE_TIMEOUT  # deadlines are ours (polling): the watchdog must never fire first
     prefixed = PrefixStore(_store_prefix(spec, f"nccl-{lane}"), store)
-    # A lost peer must break the channel, not the process: torch's default handling of an asynchronous
-    # NCCL error tears the whole process down. A group reads this when it is built; unless set explicitly,
-    # this group only cleans up (2 = CleanUpOnly: abort its communicators).
-    explicit = os.environ.get(_ERROR_HANDLING)
-    os.environ[_ERROR_HANDLING] = explicit or "2"
-    try:
-        return torch.distributed.ProcessGroupNCCL(prefixed, rank, 2, opts)
-    finally:
-        if explicit is None:
-            del os.environ[_ERROR_HANDLING]
+    set_nccl_error_handling()
+    return torch.distributed.ProcessGroupNCCL(prefixed, rank, 2, opts)
+
+
+def set_nccl_error_handling() -> None:
+    """Once per process, before its first NCCL group: a lost peer must break the channel, not the process.
+    torch's default handling of an asynchronous NCCL error tears the whole process down; a group reads the
+    setting when it is built, so it is set once (2 = CleanUpOnly: abort the group's communicators) and
+    never changed while channels open on parallel threads. An explicit setting in the environment wins."""
+    os.environ.setdefault(_ERROR_HANDLING, "2")
