@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 from bench.ceilings import copy_bandwidth, matmul_rate
 from bench.results import Row, write_result
-from diptych.cluster.config import parse_config
 from diptych.cluster.clients import ControllerClient
+from diptych.cluster.config import DeploymentConfig, parse_config
 from diptych.cluster.controller import Deployment
-from diptych.cluster.config import DeploymentConfig
 from diptych.cluster.disagg_backend import DisaggregatedBackend
 from diptych.engine.config import preset
 from diptych.engine.messages import GenerateRequest, SamplingParams

@@ -5,9 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+from diptych.kernels.step_scratch import StepScratch
+
+if TYPE_CHECKING:
+    from diptych.engine.attention import AttentionBackend
 
 # Called by every attention layer after its K/V are computed: (layer index, k [T, Hk, D], v [T, Hk, D]).
 # The prefill worker uses it to stream each layer's KV to the decode worker while the next layer computes.
@@ -22,6 +28,11 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     is_decode: bool  # every sequence has exactly one query token
     kv_hook: KVHook | None = None
+    backend: AttentionBackend | None = None  # None: the paged backend (engine/attention.py)
+    needs_lse: bool = False  # the backend returns each query row's LSE from prefill too (decode always)
+    # What the CPU references derive from the tensors above, for the step's later layers. Not an init
+    # argument: every metadata object, dataclasses.replace's included, starts with an empty one of its own.
+    scratch: StepScratch = field(default_factory=StepScratch, init=False, repr=False, compare=False)
 
 
 _current: ContextVar[AttentionMetadata | None] = ContextVar("diptych_attention_metadata", default=None)

@@ -1,17 +1,21 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2-style QKV bias, SmolLM2) over a flat token batch.
 
 One forward takes the tokens of many sequences back to back (no padding) with their positions; K/V go
-into the paged cache through the slot mapping and attention reads through block tables. Prefill chunks and
-decode steps are the same call with different AttentionMetadata.
+into the paged cache through the slot mapping and attention reads through block tables, by the step's
+attention backend (engine/attention.py). Prefill chunks and decode steps are the same call with different
+AttentionMetadata. A stage of a pipeline runs a range of the layers (LlamaModel.forward_layers).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from diptych.engine.attention import PAGED_BACKEND
 from diptych.engine.config import ModelConfig
 from diptych.engine.forward_context import get_attention_metadata
 from diptych.engine.linear import Linear
@@ -36,7 +40,8 @@ class RMSNorm(nn.Module):
 
 
 class PagedAttention(nn.Module):
-    """Rotates q and k, writes K/V into the paged cache, then attends through the block tables."""
+    """A layer's attention through the step's backend: rotates q and k, writes K/V into the paged cache,
+    then attends through the block tables."""
 
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -54,17 +59,8 @@ class PagedAttention(nn.Module):
         cos_sin: torch.Tensor,
     ) -> torch.Tensor:
         meta = get_attention_metadata()
-        ops.rope_and_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
-        if meta.kv_hook is not None:
-            meta.kv_hook(self.layer_idx, k, v)
-        if meta.is_decode:
-            out, _ = ops.decode_attention(
-                q, self.k_cache, self.v_cache, meta.kv_lens, meta.block_tables, self.scale
-            )
-            return out
-        return ops.prefill_attention(
-            q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, self.scale
-        )
+        backend = meta.backend or PAGED_BACKEND
+        return backend.forward(self, q, k, v, positions, cos_sin, meta).out
 
 
 class LlamaAttention(nn.Module):
@@ -120,21 +116,71 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+@dataclass(frozen=True)
+class LayerRange:
+    """Decoder layers [start, end) that one stage runs: the first stage (start 0) embeds the input ids, the
+    last (end = the model's layer count) applies the final norm."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"layer range [{self.start}, {self.end}) must hold a layer from 0 up")
+
+    def check(self, num_layers: int) -> None:
+        if self.end > num_layers:
+            raise ValueError(
+                f"layer range [{self.start}, {self.end}) is past the model's {num_layers} layers"
+            )
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage hands on: the hidden states [T, hidden] and the residual stream to add to them, or,
+    from the last stage, the final-normed hidden states (for the logits) and no residual."""
+
+    hidden: torch.Tensor
+    residual: torch.Tensor | None
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.all_layers = LayerRange(0, config.num_layers)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer in self.layers:
+        return self.forward_layers(positions, cos_sin, self.all_layers, input_ids=input_ids).hidden
+
+    def forward_layers(
+        self,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        layers: LayerRange,
+        input_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> StageOutput:
+        """Run layers [layers.start, layers.end): from the input ids [T] for the first stage, else from the
+        previous stage's hidden and residual [T, hidden]. Each layer keeps its model-wide index, so the KV
+        cache and the KV hook see the same layer whichever stage runs it."""
+        layers.check(len(self.layers))
+        if layers.start == 0:
+            if input_ids is None or hidden is not None or residual is not None:
+                raise ValueError("the first stage (layer 0) takes input_ids, and no hidden or residual")
+            hidden = self.embed_tokens(input_ids)
+        elif input_ids is not None or hidden is None or residual is None:
+            raise ValueError(f"a stage from layer {layers.start} takes hidden and residual, not input_ids")
+        for layer in itertools.islice(self.layers, layers.start, layers.end):
             hidden, residual = layer(positions, hidden, residual, cos_sin)
-        return self.norm(hidden, residual)[0]
+        if layers.end < len(self.layers):
+            return StageOutput(hidden, residual)
+        return StageOutput(self.norm(hidden, residual)[0], None)
 
 
 # HF checkpoint name suffix -> (our fused parameter, which shard of it).
@@ -162,6 +208,17 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions, self.cos_sin)
+
+    def forward_layers(
+        self,
+        positions: torch.Tensor,
+        layers: LayerRange,
+        input_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> StageOutput:
+        """LlamaModel.forward_layers with the model's RoPE table; compute_logits takes the last stage's."""
+        return self.model.forward_layers(positions, self.cos_sin, layers, input_ids, hidden, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

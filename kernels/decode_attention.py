@@ -23,7 +23,7 @@ import triton.language as tl
 from diptych.kernels import native
 from diptych.kernels.dispatch import use_native, use_pdl, use_triton
 from diptych.kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
-from diptych.kernels.step_memo import StepMemo
+from diptych.kernels.step_scratch import StepScratch, derived
 
 LOG2_E = 1.4426950408889634  # 1/ln 2: the kernels use exp2, so log2(e) is folded into the softmax scale
 LN_2 = tl.constexpr(0.6931471805599453)  # ln 2: converts the base-2 LSE back to natural log (read in-kernel)
@@ -323,9 +323,6 @@ class _GatherPlan:
     run_start: int | None = None  # one row whose slots are consecutive from here: read a view, not a copy
 
 
-_PLANS: StepMemo[_GatherPlan] = StepMemo()
-
-
 def decode_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -334,14 +331,16 @@ def decode_attention_reference(
     block_tables: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    *,
+    scratch: StepScratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # num_splits only tunes the Triton kernel's parallelism; the unsplit result is the same.
     batch, num_q_heads, _ = q.shape
     block_size = k_cache.shape[1]
-    plan = _PLANS.get(
+    plan = derived(
+        scratch,
+        ("decode_attention.plan", block_size),
         lambda: _gather_plan(kv_lens, block_tables, block_size),
-        equal=(kv_lens, block_tables),
-        scalars=(block_size,),
     )
     if plan.slots.numel() == 0:  # no row has a cached token (or there are no rows)
         lse = torch.full((batch, num_q_heads), float("-inf"), device=q.device)
@@ -414,14 +413,19 @@ def decode_attention(
     block_tables: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    *,
+    scratch: StepScratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, D] -> (out [B, Hq, D] in q.dtype, lse [B, Hq] fp32); kv_lens [B] int32 may hold zeros."""
+    """q [B, Hq, D] -> (out [B, Hq, D] in q.dtype, lse [B, Hq] fp32); kv_lens [B] int32 may hold zeros.
+    scratch: the step's (kernels/step_scratch.py), when kv_lens and block_tables are its own."""
     if use_triton(q):
         return decode_attention_triton(q, k_cache, v_cache, kv_lens, block_tables, scale, num_splits)
     kernel = _NATIVE() if _takes_native_path(q, k_cache, kv_lens, block_tables) else None
     if kernel is not None:
         return decode_attention_native(kernel, q, k_cache, v_cache, kv_lens, block_tables, scale)
-    return decode_attention_reference(q, k_cache, v_cache, kv_lens, block_tables, scale, num_splits)
+    return decode_attention_reference(
+        q, k_cache, v_cache, kv_lens, block_tables, scale, num_splits, scratch=scratch
+    )
 
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from diptych.kernels.dispatch import use_triton
-from diptych.kernels.step_memo import StepMemo
+from diptych.kernels.step_scratch import StepScratch, derived
 
 
 @triton.jit
@@ -77,14 +77,18 @@ def store_kv_cache_triton(
     )
 
 
-_HAS_SKIPS: StepMemo[bool] = StepMemo()
-
-
 def store_kv_cache_reference(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    scratch: StepScratch | None = None,
 ) -> None:
-    # Every layer of a step has the same slot mapping: check it for tokens to skip once a step, not per layer.
-    if _HAS_SKIPS.get(lambda: bool((slot_mapping < 0).any()), equal=(slot_mapping,)):
+    # Every layer of a step has the same slot mapping: with a scratch, it is checked for tokens to skip once
+    # a step, not per layer.
+    if derived(scratch, "kv_cache_write.has_skips", lambda: bool((slot_mapping < 0).any())):
         valid = slot_mapping >= 0
         slot_mapping, k, v = slot_mapping[valid], k[valid], v[valid]
     # view (not flatten) so that a non-contiguous cache fails loudly instead of writing into a copy.
@@ -93,10 +97,17 @@ def store_kv_cache_reference(
 
 
 def store_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    scratch: StepScratch | None = None,
 ) -> None:
-    """k, v [T, Hk, D] into caches [num_blocks, block_size, Hk, D] at slot_mapping [T] (int64; < 0: skip)."""
+    """k, v [T, Hk, D] into caches [num_blocks, block_size, Hk, D] at slot_mapping [T] (int64; < 0: skip).
+    scratch: the step's (kernels/step_scratch.py), when slot_mapping is its own."""
     if use_triton(k):
         store_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
-        store_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping, scratch=scratch)

@@ -3,11 +3,15 @@
 Sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; its K/V, this chunk's included, are already in
 the paged cache (kv_lens[b] tokens, addressed by block_tables[b]). Query row i sits at position
 kv_len - q_len + i and sees every cached position up to its own: the cached prefix and the causal chunk.
+
+Asked to (return_lse), it also returns each row's LSE, the natural log of its softmax denominator of the
+scaled scores, so that partial results over disjoint KV shards merge exactly (kernels/merge_attn_states.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,7 @@ import triton.language as tl
 from diptych.kernels.dispatch import use_triton
 
 LOG2_E = 1.4426950408889634  # 1/ln 2: the kernels use exp2, so log2(e) is folded into the softmax scale
+LN_2 = tl.constexpr(0.6931471805599453)  # ln 2: converts the base-2 LSE back to natural log (read in-kernel)
 
 
 # Lazy rescaling keeps a row's running max until the tile max exceeds it by more than this (log2 units), so
@@ -204,6 +209,7 @@ def _query_tile(
     k_cache_ptr,
     v_cache_ptr,
     out_ptr,
+    lse_ptr,
     cu_seqlens_q_ptr,
     kv_lens_ptr,
     block_tables_ptr,
@@ -224,8 +230,10 @@ def _query_tile(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
-    """Attention of one query tile (BLOCK_M rows of one sequence) of one head; nothing for a spare tile."""
+    """Attention of one query tile (BLOCK_M rows of one sequence) of one head; nothing for a spare tile.
+    RETURN_LSE: also each row's natural-log LSE into lse_ptr [T, num heads] (fp32)."""
     seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_M)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
@@ -268,6 +276,11 @@ def _query_tile(
         out = acc * (1.0 / l_i)[:, None]  # one reciprocal per row, not one division per element
         out_offsets = (q_start + offs_m).to(tl.int64)[:, None] * stride_out_token + head * stride_out_head
         tl.store(out_ptr + out_offsets + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok)
+        if RETURN_LSE:
+            # Every real row sees at least its own key, so l_i > 0 (with lazy rescaling, m_i is the max
+            # its p were taken against: still the LSE's offset).
+            lse_offsets = (q_start + offs_m).to(tl.int64) * tl.num_programs(1) + head
+            tl.store(lse_ptr + lse_offsets, (m_i + tl.log2(l_i)) * LN_2, mask=offs_m < q_len)
 
 
 # num_seqs and the block-table width (stride_table_seq) change from step to step: specialising on them (Triton
@@ -280,6 +293,7 @@ def _prefill_attention_kernel(
     k_cache_ptr,
     v_cache_ptr,
     out_ptr,
+    lse_ptr,
     cu_seqlens_q_ptr,
     kv_lens_ptr,
     block_tables_ptr,
@@ -301,6 +315,7 @@ def _prefill_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
     PAIRED: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     # Heaviest tiles first: a later query tile sees more keys, so the grid runs from the last tile back and
     # the last programs to start are the short ones. Tiles are the fastest grid axis, so the programs that
@@ -310,18 +325,19 @@ def _prefill_attention_kernel(
     num_tiles = tl.load(cu_seqlens_q_ptr + num_seqs) // BLOCK_M + num_seqs if PAIRED else tl.num_programs(0)
     last = num_tiles - 1 - pid
     _query_tile(
-        last, head, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, kv_lens_ptr, block_tables_ptr,
-        stride_q_token, stride_q_head, stride_out_token, stride_out_head, stride_cache_block,
-        stride_cache_slot, stride_cache_head, stride_table_seq, num_seqs, qk_scale, GROUP, HEAD_DIM,
-        BLOCK_SIZE, BLOCK_M, BLOCK_N, DOT_PRECISION, LAZY_RESCALE,
+        last, head, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, kv_lens_ptr,
+        block_tables_ptr, stride_q_token, stride_q_head, stride_out_token, stride_out_head,
+        stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq, num_seqs, qk_scale,
+        GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, DOT_PRECISION, LAZY_RESCALE, RETURN_LSE,
     )  # fmt: skip
     if PAIRED:  # noqa: SIM102 (a constexpr: `and` would put a runtime test in the default build)
         if pid < last:
             _query_tile(
-                pid, head, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, kv_lens_ptr,
-                block_tables_ptr, stride_q_token, stride_q_head, stride_out_token, stride_out_head,
-                stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq, num_seqs,
-                qk_scale, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, DOT_PRECISION, LAZY_RESCALE,
+                pid, head, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr,
+                kv_lens_ptr, block_tables_ptr, stride_q_token, stride_q_head, stride_out_token,
+                stride_out_head, stride_cache_block, stride_cache_slot, stride_cache_head,
+                stride_table_seq, num_seqs, qk_scale, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N,
+                DOT_PRECISION, LAZY_RESCALE, RETURN_LSE,
             )  # fmt: skip
 
 
@@ -339,6 +355,7 @@ def default_tile_config(q: torch.Tensor) -> TileConfig:
     return TileConfig(128, 128, 8, 3, paired=True)
 
 
+@overload
 def prefill_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -348,7 +365,34 @@ def prefill_attention_triton(
     block_tables: torch.Tensor,
     scale: float,
     config: TileConfig | None = None,
-) -> torch.Tensor:
+    *,
+    return_lse: Literal[False] = False,
+) -> torch.Tensor: ...
+@overload
+def prefill_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    config: TileConfig | None = None,
+    *,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def prefill_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    config: TileConfig | None = None,
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """As prefill_attention; `config` overrides the tile shape (the sweep in bench/ tries several)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = kv_lens.shape[0]
@@ -362,8 +406,10 @@ def prefill_attention_triton(
     assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs and block_tables.stride(1) == 1
     assert block_tables.dtype == torch.int32
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # [T, Hq] contiguous: the kernel addresses a row's LSE as token * Hq + head.
+    lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device) if return_lse else None
     if num_tokens == 0:
-        return out
+        return out if lse is None else (out, lse)
     config = config or default_tile_config(q)
     num_tiles = num_tokens // config.block_m + num_seqs
     _prefill_attention_kernel[(-(-num_tiles // 2) if config.paired else num_tiles, num_q_heads)](
@@ -371,6 +417,7 @@ def prefill_attention_triton(
         k_cache,
         v_cache,
         out,
+        lse,  # None without RETURN_LSE: a constexpr the default build never reads
         cu_seqlens_q,
         kv_lens,
         block_tables,
@@ -392,11 +439,12 @@ def prefill_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact, not tf32
         LAZY_RESCALE=config.lazy_rescale,
         PAIRED=config.paired,
+        RETURN_LSE=return_lse,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **({} if config.max_registers is None else {"maxnreg": config.max_registers}),
     )
-    return out
+    return out if lse is None else (out, lse)
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
@@ -405,6 +453,7 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tens
     return cache.index_select(0, table[:num_blocks].long()).flatten(0, 1)[:length]
 
 
+@overload
 def prefill_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -413,8 +462,34 @@ def prefill_attention_reference(
     kv_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
-) -> torch.Tensor:
+    *,
+    return_lse: Literal[False] = False,
+) -> torch.Tensor: ...
+@overload
+def prefill_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    *,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def prefill_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     bounds, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
     for b, kv_len in enumerate(lens):
         start, end = bounds[b], bounds[b + 1]
@@ -423,29 +498,40 @@ def prefill_attention_reference(
         # [1, H, L, D]: 4-D inputs and GQA through enable_gqa let torch take its flash kernel on CPU.
         k = _gather(k_cache, block_tables[b], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
         v = _gather(v_cache, block_tables[b], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        q_b = q[start:end].transpose(0, 1).unsqueeze(0)
         causal = _causal_mask(end - start, kv_len, q.device)
         o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1).unsqueeze(0),
-            k,
-            v,
-            attn_mask=causal,
-            is_causal=causal is None,
-            scale=scale,
-            enable_gqa=True,
+            q_b, k, v, attn_mask=causal, is_causal=causal is None, scale=scale, enable_gqa=True
         )
         out[start:end] = o[0].transpose(0, 1)
-    return out
+        if lse is not None:
+            lse[start:end] = _logsumexp(q_b, k, _visible(end - start, kv_len, q.device), scale).transpose(
+                0, 1
+            )
+    return out if lse is None else (out, lse)
 
 
-def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
-    """Row i may see key j iff j <= (kv_len - q_len) + i: a causal mask shifted by the cached prefix.
+def _logsumexp(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """[Hq, M] fp32 logsumexp of the scaled scores each query row sees: q [1, Hq, M, D], k [1, Hk, L, D]."""
+    group = q.shape[1] // k.shape[1]
+    scores = torch.matmul(q[0].float(), k[0].float().repeat_interleave(group, dim=0).transpose(1, 2))
+    return torch.logsumexp((scores * scale).masked_fill(~visible, float("-inf")), dim=-1)
 
-    None when nothing is cached: SDPA's own is_causal (aligned top-left) is then the same mask."""
-    if q_len == kv_len:
-        return None
+
+def _visible(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """[q_len, kv_len] bool: row i may see key j iff j <= (kv_len - q_len) + i, a causal mask shifted by the
+    cached prefix."""
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
+def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
+    """_visible, or None when nothing is cached: SDPA's own is_causal (aligned top-left) is then the same."""
+    if q_len == kv_len:
+        return None
+    return _visible(q_len, kv_len, device)
+
+
+@overload
 def prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -454,8 +540,42 @@ def prefill_attention(
     kv_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
-) -> torch.Tensor:
-    """q [T, Hq, D], caches [num_blocks, block_size, Hk, D] -> [T, Hq, D] in q.dtype (GQA: Hq % Hk == 0)."""
+    *,
+    return_lse: Literal[False] = False,
+) -> torch.Tensor: ...
+@overload
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    *,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], caches [num_blocks, block_size, Hk, D] -> [T, Hq, D] in q.dtype (GQA: Hq % Hk == 0);
+    with return_lse, (out, lse [T, Hq] fp32)."""
     if use_triton(q):
+        if return_lse:
+            return prefill_attention_triton(
+                q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, return_lse=True
+            )
         return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale)
+    if return_lse:
+        return prefill_attention_reference(
+            q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, return_lse=True
+        )
     return prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale)

@@ -11,10 +11,7 @@ import triton
 import triton.language as tl
 
 from diptych.kernels.dispatch import use_triton
-from diptych.kernels.step_memo import StepMemo
-
-# The table rows of one step's positions, shared by every layer (see kernels/step_memo.py).
-_TABLES: StepMemo[tuple[torch.Tensor, torch.Tensor]] = StepMemo()
+from diptych.kernels.step_scratch import StepScratch, derived
 
 
 @triton.jit
@@ -122,11 +119,15 @@ def apply_rope_triton(
 
 
 def apply_rope_reference(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    *,
+    scratch: StepScratch | None = None,
 ) -> None:
-    cos, sin = _TABLES.get(
-        lambda: _rotation_table(positions, cos_sin_cache), equal=(positions,), identical=(cos_sin_cache,)
-    )
+    # The table rows of the step's positions are the same for every layer: built once a step with a scratch.
+    cos, sin = derived(scratch, "rope.rotation", lambda: _rotation_table(positions, cos_sin_cache))
     for x in (q, k):
         # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * (cos, cos) + (x2, x1) * (-sin, sin), in place:
         # three ops per tensor (fp32 x.float() is x itself), which is what the CPU path pays for.
@@ -146,10 +147,16 @@ def _rotation_table(
 
 
 def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    *,
+    scratch: StepScratch | None = None,
 ) -> None:
-    """Rotates q [T, Hq, D] and k [T, Hk, D] in place by positions [T] (int64); computed in fp32."""
+    """Rotates q [T, Hq, D] and k [T, Hk, D] in place by positions [T] (int64); computed in fp32. scratch:
+    the step's (kernels/step_scratch.py), when positions and the table are its own."""
     if use_triton(q):
         apply_rope_triton(q, k, positions, cos_sin_cache)
     else:
-        apply_rope_reference(q, k, positions, cos_sin_cache)
+        apply_rope_reference(q, k, positions, cos_sin_cache, scratch=scratch)

@@ -17,6 +17,7 @@ from diptych.kernels.dispatch import use_pdl, use_triton
 from diptych.kernels.kv_cache_write import store_kv_cache
 from diptych.kernels.pdl import let_next_kernel_start, wait_for_previous_kernel
 from diptych.kernels.rope import apply_rope, load_rotation, rotate_heads
+from diptych.kernels.step_scratch import StepScratch
 
 
 @triton.jit
@@ -149,11 +150,14 @@ def rope_and_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    scratch: StepScratch | None = None,
 ) -> None:
     """apply_rope(q [T, Hq, D], k [T, Hk, D]) in place, then store_kv_cache(k, v [T, Hk, D]) into caches
-    [num_blocks, block_size, Hk, D] at slot_mapping [T] (int64; < 0: skip)."""
+    [num_blocks, block_size, Hk, D] at slot_mapping [T] (int64; < 0: skip). scratch: the step's
+    (kernels/step_scratch.py), when positions and slot_mapping are its own."""
     if use_triton(q):
         rope_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
     else:
-        apply_rope(q, k, positions, cos_sin_cache)
-        store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        apply_rope(q, k, positions, cos_sin_cache, scratch=scratch)
+        store_kv_cache(k, v, k_cache, v_cache, slot_mapping, scratch=scratch)

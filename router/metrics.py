@@ -66,7 +66,7 @@ class _WorkerLoadCollector(Collector):
         used = GaugeMetricFamily("diptych_worker_kv_blocks_used", "KV cache blocks in use", labels=labels)
         total = GaugeMetricFamily("diptych_worker_kv_blocks_total", "KV cache blocks", labels=labels)
         held = GaugeMetricFamily(
-            "diptych_worker_held_requests", "Prefilled requests whose KV waits for decode to land", labels=labels
+            "diptych_worker_held_requests", "Prefilled requests held until decode has the KV", labels=labels
         )
         served = CounterMetricFamily("diptych_worker_served_requests", "Requests handed on", labels=labels)
         transfer = GaugeMetricFamily(

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from diptych.cluster.config import parse_config
 from diptych.cluster.clients import ControllerClient
+from diptych.cluster.config import parse_config
 from diptych.cluster.controller import Deployment as Started
 from diptych.cluster.disagg_backend import DisaggregatedBackend
 from diptych.engine.messages import GenerateRequest, SamplingParams

@@ -23,7 +23,7 @@ PROMPT_LENGTHS = [7, 40, 129, 300]
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_nccl_disaggregated_greedy_equals_single_gpu_engine() -> None:
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     from diptych.cluster.config import parse_config
     from diptych.cluster.controller import Deployment
     from diptych.cluster.disagg_backend import DisaggregatedBackend

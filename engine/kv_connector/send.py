@@ -159,14 +159,14 @@ class KVSendHalf:
         tokens: dict[str, list[FirstToken]] = {}
         lost = []
         for delta in deltas:
-            d = self.destinations.get(delta.request_id)
-            if d is None:
+            dest = self.destinations.get(delta.request_id)
+            if dest is None:
                 continue
-            if d in self._broken:
+            if dest in self._broken:
                 lost.append(delta)
                 continue
             logprob = delta.logprobs[0] if delta.logprobs else None
-            tokens.setdefault(d, []).append(
+            tokens.setdefault(dest, []).append(
                 FirstToken(
                     request_tag(delta.request_id),
                     delta.token_ids[0],

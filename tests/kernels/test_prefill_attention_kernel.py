@@ -1,4 +1,4 @@
-"""Paged prefill attention: reference vs dense causal attention, Triton kernel vs reference."""
+"""Paged prefill attention: reference vs dense causal attention, Triton kernel vs reference, LSE included."""
 
 from __future__ import annotations
 
@@ -55,6 +55,22 @@ def test_reference_matches_dense_attention(batch: str, q_heads: int, k_heads: in
         positions = prefix + torch.arange(q_len)
         expected, _ = naive_attention(q[rows], paged.keys[b], paged.values[b], positions, 0.2)
         torch.testing.assert_close(out[rows], expected.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize(("q_heads", "k_heads"), [(4, 4), (6, 2)])
+def test_reference_lse_matches_dense_attention(batch: str, q_heads: int, k_heads: int) -> None:
+    q_lens, prefixes = BATCHES[batch]
+    q, cu, paged = make_batch(q_lens, prefixes, q_heads, k_heads, 32, 8, CPU_FP32)
+    args = (q, paged.k_cache, paged.v_cache, cu, paged.kv_lens, paged.block_tables, 0.2)
+    out, lse = prefill_attention_reference(*args, return_lse=True)
+    assert lse.shape == (sum(q_lens), q_heads) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, prefill_attention_reference(*args), atol=0, rtol=0)
+    for b, (q_len, prefix) in enumerate(zip(q_lens, prefixes, strict=True)):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        positions = prefix + torch.arange(q_len)
+        _, expected = naive_attention(q[rows], paged.keys[b], paged.values[b], positions, 0.2)
+        torch.testing.assert_close(lse[rows], expected.float(), atol=1e-5, rtol=1e-5)
 
 
 def check_kernel(
@@ -138,6 +154,49 @@ def test_lazy_rescale_with_growing_scores() -> None:
     torch.testing.assert_close(out, prefill_attention_reference(*args), atol=1e-5, rtol=1e-5)
 
 
+def check_kernel_lse(
+    q_lens: list[int],
+    prefixes: list[int],
+    q_heads: int,
+    k_heads: int,
+    head_dim: int,
+    block_size: int,
+    target: Target,
+    config: TileConfig | None = None,
+) -> None:
+    """The kernel's LSE against the reference's, and its output the same as without the LSE."""
+    q, cu, paged = make_batch(q_lens, prefixes, q_heads, k_heads, head_dim, block_size, target)
+    scale = head_dim**-0.5
+    args = (q, paged.k_cache, paged.v_cache, cu, paged.kv_lens, paged.block_tables, scale)
+    out, lse = prefill_attention_triton(*args, config, return_lse=True)
+    tables = (cu, paged.kv_lens, paged.block_tables, scale)
+    _, expected = prefill_attention_reference(
+        q.float(), paged.k_cache.float(), paged.v_cache.float(), *tables, return_lse=True
+    )
+    assert lse.shape == (sum(q_lens), q_heads) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, prefill_attention_triton(*args, config), atol=0, rtol=0)
+    torch.testing.assert_close(lse, expected, atol=target.atol, rtol=target.rtol)
+
+
+@pytest.mark.parametrize("config", [None, *VARIANTS], ids=str)
+def test_kernel_lse_matches_reference(target: Target, config: TileConfig | None) -> None:
+    check_kernel_lse(*BATCHES["chunks-after-prefix"], 6, 2, 32, 8, target, config)
+
+
+def test_lazy_rescale_lse_with_growing_scores() -> None:
+    # As above: with lazy rescaling the LSE's offset is the max its p were taken against, not the row max.
+    keys = torch.randn(90, 1, 16)
+    keys[:, :, 0] += 3.0 * torch.arange(90)[:, None]
+    paged = paged_from_dense([keys], [torch.randn(90, 1, 16)], 8, CPU_FP32)
+    q = torch.randn(40, 2, 16)
+    q[:, :, 0] = 1.0
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    args = (q, paged.k_cache, paged.v_cache, cu, paged.kv_lens, paged.block_tables, 1.0)
+    _, lse = prefill_attention_triton(*args, TileConfig(16, 16, 4, 1, lazy_rescale=True), return_lse=True)
+    _, expected = prefill_attention_reference(*args, return_lse=True)
+    torch.testing.assert_close(lse, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_kernel_rejects_block_size_not_a_power_of_two() -> None:
     q, cu, paged = make_batch([5], [3], 2, 1, 16, 6, CPU_FP32)
     with pytest.raises(AssertionError, match="power of 2"):
@@ -154,3 +213,8 @@ def test_tile_config_rejects_bad_shapes(shape: tuple[int, int, int, int]) -> Non
 def test_kernel_real_shapes(gpu_target: Target, head_dim: int) -> None:
     # L=4096: one whole prompt, and a 1024-token chunk after a 3072-token cached prefix.
     check_kernel([4096, 1024], [0, 3072], 32, 8, head_dim, 16, gpu_target)
+
+
+def test_kernel_lse_real_shapes(gpu_target: Target) -> None:
+    # The default (paired) tiles with the LSE: a whole prompt and a chunk after a cached prefix.
+    check_kernel_lse([1024, 512], [0, 1536], 32, 8, 128, 16, gpu_target)
