@@ -26,7 +26,6 @@ from diptych.engine.messages import (
     FinishReason,
     GenerateRequest,
     LoadReport,
-    ReserveOutcome,
     ReserveResult,
     TokenDelta,
     WorkerSpec,
@@ -87,9 +86,7 @@ class DecodeWorker:
         """Reserve blocks for the prompt and its first token, and an outbox for its tokens (`stream`)."""
         loop = asyncio.get_running_loop()
         if request.request_id in self._outboxes:
-            return ReserveResult(
-                ReserveOutcome.DUPLICATE_ID, f"request id {request.request_id!r} is already in use"
-            )
+            return ReserveResult.duplicate(request.request_id)
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         done: asyncio.Future[ReserveResult] = loop.create_future()
 
@@ -152,11 +149,11 @@ class DecodeWorker:
         queue.put_nowait(delta)
         rid = delta.request_id
         if delta.finished and self._outboxes.get(rid) is queue:
-            loop = asyncio.get_running_loop()
-            loop.call_later(
-                OUTBOX_GRACE_S,
-                lambda: self._outboxes.pop(rid, None) if self._outboxes.get(rid) is queue else None,
-            )
+            asyncio.get_running_loop().call_later(OUTBOX_GRACE_S, self._drop_outbox, rid, queue)
+
+    def _drop_outbox(self, request_id: str, queue: asyncio.Queue[TokenDelta]) -> None:
+        if self._outboxes.get(request_id) is queue:  # (a stream may have taken it meanwhile)
+            del self._outboxes[request_id]
 
     def _tell_sender(self, prefill_id: str, request_id: str) -> None:
         sender = self._senders.get(prefill_id)

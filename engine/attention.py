@@ -3,13 +3,12 @@
 A layer projects q, k and v and hands them to its step's backend (AttentionMetadata.backend; None: the
 paged backend here), which returns the output and, where its kernels produce one, each query row's LSE, so
 that a backend attending over part of the KV (context parallelism) can merge partial results exactly
-(kernels/merge_attn_states.py). Backends are registered by name, the way KV transports are.
+(kernels/merge_attn_states.py).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,27 +53,6 @@ class AttentionBackend(ABC):
         always where the kernels make it for free, and from prefill too when meta.needs_lse."""
 
 
-ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}
-
-
-def register_attention_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
-    def register(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-        assert name not in ATTENTION_BACKENDS, f"attention backend {name!r} registered twice"
-        ATTENTION_BACKENDS[name] = cls
-        return cls
-
-    return register
-
-
-def attention_backend(name: str) -> type[AttentionBackend]:
-    try:
-        return ATTENTION_BACKENDS[name]
-    except KeyError:
-        known = ", ".join(sorted(ATTENTION_BACKENDS))
-        raise ValueError(f"unknown attention backend {name!r}; known: {known}") from None
-
-
-@register_attention_backend("paged")
 class PagedAttentionBackend(AttentionBackend):
     """The whole KV of every sequence in this process's paged cache: RoPE and the cache write in one
     kernel, then decode attention (its LSE comes free) or causal prefill attention."""

@@ -25,6 +25,7 @@ from diptych.engine.messages import (
     ReserveOutcome,
     ReserveResult,
     TokenDelta,
+    duplicate_id_message,
 )
 from diptych.engine.model_runner import LaunchedStep, SampledTokens, slots_for
 from diptych.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -84,9 +85,13 @@ class EngineCore:
 
     def check_request(self, request: GenerateRequest) -> None:
         """Raise RequestError, with the reason, for a request this engine can never serve as asked."""
-        if request.request_id in self.sequences or self.blocks.has(request.request_id):
-            raise RequestError(f"request id {request.request_id!r} is already in use")
+        if self._in_use(request.request_id):
+            raise RequestError(duplicate_id_message(request.request_id))
         self.check_shape(request)
+
+    def _in_use(self, request_id: str) -> bool:
+        """Scheduled, or holding blocks (reserved for KV that is coming, or held for a decode side)."""
+        return request_id in self.sequences or self.blocks.has(request_id)
 
     def check_shape(self, request: GenerateRequest) -> None:
         """check_request without the duplicate-id check (a caller may check first, then reserve)."""
@@ -232,10 +237,8 @@ class EngineCore:
 
     def reserve(self, request: GenerateRequest) -> ReserveResult:
         """Reserve blocks for a prompt whose KV will arrive from elsewhere, and for its first token."""
-        if request.request_id in self.sequences or self.blocks.has(request.request_id):
-            return ReserveResult(
-                ReserveOutcome.DUPLICATE_ID, f"request id {request.request_id!r} is already in use"
-            )
+        if self._in_use(request.request_id):
+            return ReserveResult.duplicate(request.request_id)
         try:
             self.check_shape(request)
         except RequestError as e:

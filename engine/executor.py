@@ -26,14 +26,14 @@ from diptych.engine.loader import (
     load_model_config,
     resolve_model,
 )
-from diptych.engine.model import LlamaForCausalLM, build_model, init_random_weights
+from diptych.engine.model import LayerRange, LlamaForCausalLM, build_model, init_random_weights
 from diptych.engine.model_runner import LaunchedStep, ModelRunner, SampledTokens
 from diptych.engine.scheduler import SchedulerOutput
 from diptych.kernels import native, ops
 
 
 class Executor(ABC):
-    """Runs step plans over the layers [layer_start, layer_end) of a model, in paged KV blocks it owns.
+    """Runs step plans over a range of a model's layers, in paged KV blocks it owns.
 
     Thread rules: `launch` and `resolve` run on the engine thread only; `write_kv` may run on a KV
     receiver thread, for slots of blocks the core has reserved and not yet scheduled (disjoint from every
@@ -44,8 +44,7 @@ class Executor(ABC):
     dtype: torch.dtype
     block_size: int
     num_blocks: int  # KV blocks this executor's cache holds (the core's block manager hands them out)
-    layer_start: int
-    layer_end: int
+    layers: LayerRange  # the model's layers this executor holds
 
     @abstractmethod
     def launch(
@@ -95,7 +94,7 @@ class LocalExecutor(Executor):
         self.dtype = config.torch_dtype
         self.model, self.source = (model, None) if model is not None else load_model(config)
         self.model_config = self.model.config
-        self.layer_start, self.layer_end = 0, self.model_config.num_layers
+        self.layers = self.model.model.all_layers
         budget = kv_budget_bytes(self.device, config.kv_cache_gib, config.gpu_memory_fraction)
         self.kv_cache = PagedKVCache.from_budget(
             self.model_config, budget, config.block_size, self.dtype, self.device

@@ -23,7 +23,6 @@ class LLMEngine(EngineCore):
         executor = LocalExecutor(config, model)
         super().__init__(config, executor)
         executor.prepare(config, self.max_model_len)
-        self.local = executor
         self.model, self.source = executor.model, executor.source
         self.kv_cache, self.runner = executor.kv_cache, executor.runner
 

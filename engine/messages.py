@@ -146,6 +146,14 @@ class ReserveResult:
     def reserved(self) -> bool:
         return self.outcome is ReserveOutcome.RESERVED
 
+    @classmethod
+    def duplicate(cls, request_id: str) -> ReserveResult:
+        return cls(ReserveOutcome.DUPLICATE_ID, duplicate_id_message(request_id))
+
+
+def duplicate_id_message(request_id: str) -> str:
+    return f"request id {request_id!r} is already in use"
+
 
 @dataclass(frozen=True)
 class PrefillResult:

@@ -46,11 +46,8 @@ class PrefillWorker:
         self.executor = LocalExecutor(spec.engine)
         self.core = EngineCore(spec.engine, self.executor)
         self.executor.prepare(spec.engine, self.core.max_model_len)
-        c = self.executor.model_config
-        self.kv_shape = KVShape(
-            c.num_layers, c.num_kv_heads, c.head_dim, self.executor.dtype,
-            self.executor.layer_start, self.executor.layer_end,
-        )  # fmt: skip
+        c, executor = self.executor.model_config, self.executor
+        self.kv_shape = KVShape(c.num_layers, c.num_kv_heads, c.head_dim, executor.dtype, executor.layers)
         self.kv = KVSendHalf(spec.worker_id, self.executor.device, spec.transfer.stream_layers)
         self.pending: dict[str, _Pending] = {}
         self.held: dict[str, float] = {}  # request id -> deadline for the decode side's word that all landed

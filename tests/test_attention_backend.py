@@ -14,8 +14,6 @@ from diptych.engine.attention import (
     AttentionBackend,
     AttentionLayer,
     AttentionOutput,
-    PagedAttentionBackend,
-    attention_backend,
 )
 from diptych.engine.forward_context import AttentionMetadata, forward_context
 from diptych.engine.rope import cos_sin_cache
@@ -241,9 +239,3 @@ def test_the_metadatas_backend_is_the_one_called() -> None:
     changed = model_logits(halving)
     assert halving.layers == [0, 1, 2] * 2
     assert (changed - default).abs().max() > 0.1
-
-
-def test_backends_are_registered_by_name() -> None:
-    assert attention_backend("paged") is PagedAttentionBackend
-    with pytest.raises(ValueError, match="unknown attention backend 'ring'; known: paged"):
-        attention_backend("ring")

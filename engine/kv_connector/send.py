@@ -26,6 +26,7 @@ from diptych.engine.kv_transfer import (
 )
 from diptych.engine.kv_transfer.torch_dist import set_nccl_error_handling
 from diptych.engine.messages import ChannelSpec, FinishReason, TokenDelta, TransferSettings, request_tag
+from diptych.engine.model import LayerRange
 from diptych.engine.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,11 @@ class KVShape:
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
-    layer_start: int = 0
-    layer_end: int | None = None  # None: num_layers
+    layers: LayerRange
 
     @property
     def band(self) -> tuple[int, int]:
-        return self.layer_start, self.num_layers if self.layer_end is None else self.layer_end
+        return self.layers.start, self.layers.end
 
 
 def join_sender(
